@@ -1,0 +1,1 @@
+//! The plugin HTTP server on a unix socket.

@@ -1,0 +1,165 @@
+//! Wire types, exactly as dockerd 20.10 encodes and decodes them.
+//!
+//! dockerd's Go structs use `omitempty`, so any key may be missing, and
+//! `Opts`, `UIDMaps` and `GIDMaps` may be `null`. Every request type therefore
+//! defaults every field. Response types skip empty fields the same way Go does.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One entry of a user-namespace ID map (`--userns-remap`).
+///
+/// dockerd encodes these in snake_case (`pkg/idtools`), unlike every other
+/// field of the protocol; the official documentation is wrong about this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMap {
+    /// First ID inside the container.
+    pub container_id: i64,
+    /// First ID on the host that `container_id` maps to.
+    pub host_id: i64,
+    /// Number of consecutive IDs mapped.
+    pub size: i64,
+}
+
+/// `/GraphDriver.Init` request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct InitRequest {
+    /// `<data-root>/<driver name>`; dockerd does not create it.
+    #[serde(rename = "Home")]
+    pub home: String,
+    /// `dockerd --storage-opt k=v` values, verbatim.
+    #[serde(rename = "Opts", deserialize_with = "null_as_default")]
+    pub opts: Vec<String>,
+    /// UID map, empty without `--userns-remap`.
+    #[serde(rename = "UIDMaps", deserialize_with = "null_as_default")]
+    pub uid_maps: Vec<IdMap>,
+    /// GID map, empty without `--userns-remap`.
+    #[serde(rename = "GIDMaps", deserialize_with = "null_as_default")]
+    pub gid_maps: Vec<IdMap>,
+}
+
+/// `Create` / `CreateReadWrite` request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct CreateRequest {
+    /// The new layer's id (64 hex, or `<64 hex>-init`).
+    #[serde(rename = "ID")]
+    pub id: String,
+    /// The parent layer's id; empty for a base layer.
+    #[serde(rename = "Parent")]
+    pub parent: String,
+    /// SELinux mount label; empty when SELinux is off.
+    #[serde(rename = "MountLabel")]
+    pub mount_label: String,
+    /// Per-container `docker run --storage-opt` values (e.g. `size`).
+    #[serde(rename = "StorageOpt", deserialize_with = "null_as_default")]
+    pub storage_opt: BTreeMap<String, String>,
+}
+
+/// Requests that name one layer (`Remove`, `Get`, `Put`, `Exists`,
+/// `GetMetadata`) and the diff requests that name a layer and its parent
+/// (`Diff`, `Changes`, `DiffSize`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct IdRequest {
+    /// The layer's id.
+    #[serde(rename = "ID")]
+    pub id: String,
+    /// The parent layer's id, for the diff requests; empty otherwise.
+    #[serde(rename = "Parent")]
+    pub parent: String,
+    /// SELinux mount label, sent on `Get`.
+    #[serde(rename = "MountLabel")]
+    pub mount_label: String,
+}
+
+/// `ApplyDiff` query string: `?id=<id>&parent=<parent>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct ApplyDiffQuery {
+    /// The layer the tar is applied to.
+    pub id: String,
+    /// Its parent; empty for a base layer.
+    pub parent: String,
+}
+
+/// What kind of change a [`Change`] is, encoded as dockerd's integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChangeKind {
+    /// `C` in `docker diff`.
+    Modify,
+    /// `A` in `docker diff`.
+    Add,
+    /// `D` in `docker diff`.
+    Delete,
+}
+
+impl ChangeKind {
+    /// dockerd's integer (`pkg/archive/changes.go`).
+    pub fn as_wire(self) -> u8 {
+        match self {
+            ChangeKind::Modify => 0,
+            ChangeKind::Add => 1,
+            ChangeKind::Delete => 2,
+        }
+    }
+
+    /// The letter `docker diff` prints.
+    pub fn letter(self) -> char {
+        match self {
+            ChangeKind::Modify => 'C',
+            ChangeKind::Add => 'A',
+            ChangeKind::Delete => 'D',
+        }
+    }
+}
+
+impl Serialize for ChangeKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.as_wire())
+    }
+}
+
+impl<'de> Deserialize<'de> for ChangeKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u8::deserialize(d)? {
+            0 => Ok(ChangeKind::Modify),
+            1 => Ok(ChangeKind::Add),
+            2 => Ok(ChangeKind::Delete),
+            other => Err(serde::de::Error::custom(format!(
+                "change kind {other} is not 0 (modify), 1 (add) or 2 (delete)"
+            ))),
+        }
+    }
+}
+
+/// One entry of a `Changes` reply: an absolute path inside the layer.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Change {
+    /// Absolute path inside the layer, e.g. `/etc/hosts`.
+    #[serde(rename = "Path")]
+    pub path: String,
+    /// What happened to it.
+    #[serde(rename = "Kind")]
+    pub kind: ChangeKind,
+}
+
+/// The driver's capabilities, nested as `{"Capabilities":{...}}` on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Whether `Diff` reproduces the exact tar that `ApplyDiff` received.
+    /// Keep this false: dockerd then keeps tar-split data and rebuilds image
+    /// layer tars itself through `Get`/`Put`.
+    #[serde(rename = "ReproducesExactDiffs")]
+    pub reproduces_exact_diffs: bool,
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}

@@ -1,0 +1,1 @@
+//! The RADOS-backed metadata store of docker-rbd.

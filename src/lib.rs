@@ -1,0 +1,2 @@
+//! docker-rbd: a Docker storage driver that keeps container root filesystems
+//! on Ceph RBD.
