@@ -5,4 +5,5 @@
 //! `cargo test` skips with a message; under `scripts/test`, which sets
 //! `DOCKER_RBD_TEST_STRICT=1`, a missing prerequisite is a failure.
 
+pub mod ceph;
 pub mod require;
