@@ -1,2 +1,5 @@
 //! docker-rbd: a Docker storage driver that keeps container root filesystems
 //! on Ceph RBD.
+
+pub mod names;
+pub mod units;

@@ -1,0 +1,207 @@
+//! Docker layer ids and the Ceph names derived from them.
+//!
+//! Every name docker-rbd gives an RBD image or a RADOS object derives from a
+//! validated [`LayerId`], behind a fixed prefix, so that nothing a client
+//! sends can name an object we do not own, and `rbd ls` users can tell our
+//! images apart at a glance.
+
+use std::fmt;
+
+/// Why a string is not a layer id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid layer id {id:?}: {reason}")]
+pub struct InvalidLayerId {
+    /// What was sent (truncated to 100 characters).
+    pub id: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// A Docker layer id: 64 lowercase hex digits, optionally followed by
+/// `-init` (the container init layer dockerd derives from a mount id).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LayerId(String);
+
+impl LayerId {
+    /// Validates `id`.
+    pub fn parse(id: &str) -> Result<Self, InvalidLayerId> {
+        let err = |reason| InvalidLayerId {
+            id: id.chars().take(100).collect(),
+            reason,
+        };
+        if id.is_empty() {
+            return Err(err("empty"));
+        }
+        let hex = id.strip_suffix("-init").unwrap_or(id);
+        if hex.len() != 64 {
+            return Err(err("not 64 hex digits (optionally followed by -init)"));
+        }
+        if !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(err("not lowercase hex"));
+        }
+        Ok(Self(id.to_string()))
+    }
+
+    /// Validates an optional parent id: empty means none.
+    pub fn parse_parent(parent: &str) -> Result<Option<Self>, InvalidLayerId> {
+        if parent.is_empty() {
+            Ok(None)
+        } else {
+            Self::parse(parent).map(Some)
+        }
+    }
+
+    /// The id as Docker sent it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether this is a container `-init` layer.
+    pub fn is_init(&self) -> bool {
+        self.0.ends_with("-init")
+    }
+
+    /// A short form for humans (the first 12 hex digits, like `docker ps`).
+    pub fn short(&self) -> &str {
+        &self.0[..12]
+    }
+}
+
+impl fmt::Display for LayerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Name of the single snapshot a layer gets when it is sealed (its first
+/// child is created). Children are clones of `<image>@sealed`.
+pub const SEALED_SNAP: &str = "sealed";
+
+/// How docker-rbd names things in a pool and namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Naming {
+    prefix: String,
+}
+
+impl Naming {
+    /// Default image prefix.
+    pub const DEFAULT_PREFIX: &'static str = "docker-rbd.";
+
+    /// Checks that `prefix` can lead an RBD image name: non-empty, at most 32
+    /// characters of `[A-Za-z0-9._-]`.
+    pub fn new(prefix: &str) -> Result<Self, String> {
+        if prefix.is_empty() || prefix.len() > 32 {
+            return Err(format!("image prefix {prefix:?} must be 1 to 32 characters"));
+        }
+        if !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(format!(
+                "image prefix {prefix:?} may only hold letters, digits, '.', '_' and '-'"
+            ));
+        }
+        Ok(Self {
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// RBD image of a layer: `<prefix>layer.<id>`.
+    pub fn layer_image(&self, id: &LayerId) -> String {
+        format!("{}layer.{}", self.prefix, id)
+    }
+
+    /// The layer id an image name belongs to, if it is one of our layer
+    /// images.
+    pub fn layer_of_image(&self, image: &str) -> Option<LayerId> {
+        let rest = image.strip_prefix(&self.prefix)?.strip_prefix("layer.")?;
+        LayerId::parse(rest).ok()
+    }
+
+    /// RBD image holding the formatted base filesystem every parentless
+    /// layer is cloned from: `<prefix>base.<fs>.<size in bytes>`, so a change
+    /// of filesystem or base size makes a new base rather than reusing a
+    /// mismatching one.
+    pub fn base_image(&self, fs: &str, size: u64) -> String {
+        format!("{}base.{fs}.{size}", self.prefix)
+    }
+
+    /// Whether `image` is one of our base images.
+    pub fn is_base_image(&self, image: &str) -> bool {
+        image
+            .strip_prefix(&self.prefix)
+            .is_some_and(|rest| rest.starts_with("base."))
+    }
+
+    /// RADOS object whose cls lock serialises the making of base images.
+    pub fn base_lock_object(&self) -> String {
+        format!("{}base.lock", self.prefix)
+    }
+
+    /// Prefix of the RADOS objects of the metadata store.
+    pub fn metadata_prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn accepts_docker_ids() {
+        assert_eq!(LayerId::parse(HEX).unwrap().as_str(), HEX);
+        let init = format!("{HEX}-init");
+        let id = LayerId::parse(&init).unwrap();
+        assert!(id.is_init());
+        assert_eq!(id.short(), "0123456789ab");
+    }
+
+    #[test]
+    fn rejects_everything_else() {
+        for bad in [
+            "",
+            "abc",
+            &HEX.to_uppercase(),
+            &format!("{HEX}0"),
+            &format!("{HEX}-ini"),
+            &format!("../{}", &HEX[3..]),
+            &format!("{}/x", &HEX[2..]),
+            &format!("{}@s", &HEX[2..]),
+            "-init",
+        ] {
+            let err = LayerId::parse(bad).unwrap_err();
+            assert!(err.to_string().contains("invalid layer id"), "{bad}: {err}");
+        }
+        assert_eq!(LayerId::parse_parent("").unwrap(), None);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        let n = Naming::new(Naming::DEFAULT_PREFIX).unwrap();
+        let id = LayerId::parse(HEX).unwrap();
+        let image = n.layer_image(&id);
+        assert_eq!(image, format!("docker-rbd.layer.{HEX}"));
+        assert_eq!(n.layer_of_image(&image), Some(id));
+        assert_eq!(n.layer_of_image("other"), None);
+        assert_eq!(n.base_image("ext4", 10), "docker-rbd.base.ext4.10");
+        assert!(n.is_base_image("docker-rbd.base.ext4.10"));
+        assert!(!n.is_base_image(&image));
+    }
+
+    #[test]
+    fn prefix_is_checked() {
+        assert!(Naming::new("").is_err());
+        assert!(Naming::new("a/b").is_err());
+        assert!(Naming::new("a@b").is_err());
+        assert!(Naming::new(&"x".repeat(33)).is_err());
+        assert!(Naming::new("team-a_").is_ok());
+    }
+}
