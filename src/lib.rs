@@ -1,5 +1,6 @@
 //! docker-rbd: a Docker storage driver that keeps container root filesystems
 //! on Ceph RBD.
 
+pub mod localstate;
 pub mod names;
 pub mod units;
