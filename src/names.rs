@@ -36,7 +36,10 @@ impl LayerId {
         if hex.len() != 64 {
             return Err(err("not 64 hex digits (optionally followed by -init)"));
         }
-        if !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(err("not lowercase hex"));
         }
         Ok(Self(id.to_string()))
@@ -91,7 +94,9 @@ impl Naming {
     /// characters of `[A-Za-z0-9._-]`.
     pub fn new(prefix: &str) -> Result<Self, String> {
         if prefix.is_empty() || prefix.len() > 32 {
-            return Err(format!("image prefix {prefix:?} must be 1 to 32 characters"));
+            return Err(format!(
+                "image prefix {prefix:?} must be 1 to 32 characters"
+            ));
         }
         if !prefix
             .bytes()

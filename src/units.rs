@@ -90,7 +90,16 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for text in ["", "G", "-1G", "10X", "1..2G", "10 GG", "1e3", "99999999999p"] {
+        for text in [
+            "",
+            "G",
+            "-1G",
+            "10X",
+            "1..2G",
+            "10 GG",
+            "1e3",
+            "99999999999p",
+        ] {
             let err = parse_size(text).unwrap_err();
             assert!(err.to_string().starts_with("invalid size"), "{text}: {err}");
         }
