@@ -16,4 +16,5 @@ pub mod server;
 pub mod types;
 
 pub use driver::{DiffStream, GraphDriver};
+pub use server::{ServerConfig, ServerError, SocketGroup, router, serve, shutdown_signal};
 pub use types::{Capabilities, Change, ChangeKind, CreateRequest, IdMap, InitRequest};

@@ -163,3 +163,107 @@ where
 {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
+
+/// `{"Err": "..."}`: every error reply, with a non-200 status.
+///
+/// dockerd turns it into `GraphDriver.<Method>: <Err>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ErrorResponse {
+    /// What went wrong, including the error's `source()` chain.
+    #[serde(rename = "Err")]
+    pub err: String,
+}
+
+/// The `{}` reply of calls that return nothing (`Init`, `Create`, `Put`, ...).
+///
+/// dockerd decodes every reply, so an empty body would be an EOF error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmptyResponse {}
+
+/// `/Plugin.Activate` reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ActivateResponse {
+    /// The plugin interfaces served; dockerd wants exactly `"GraphDriver"`.
+    #[serde(rename = "Implements")]
+    pub implements: Vec<String>,
+}
+
+impl ActivateResponse {
+    /// The reply of a graphdriver plugin: `{"Implements":["GraphDriver"]}`.
+    pub fn graph_driver() -> Self {
+        ActivateResponse {
+            implements: vec!["GraphDriver".to_owned()],
+        }
+    }
+}
+
+/// `/GraphDriver.Get` reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GetResponse {
+    /// Absolute host path of the layer's root directory.
+    #[serde(rename = "Dir")]
+    pub dir: String,
+}
+
+/// `/GraphDriver.Exists` reply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExistsResponse {
+    /// Whether the layer exists.
+    #[serde(rename = "Exists")]
+    pub exists: bool,
+}
+
+/// `/GraphDriver.Status` reply: `{"Status":[["key","value"],...]}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatusResponse {
+    /// Pairs shown by `docker info`, in order.
+    #[serde(rename = "Status")]
+    pub status: Vec<[String; 2]>,
+}
+
+/// `/GraphDriver.GetMetadata` reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MetadataResponse {
+    /// Pairs shown as `GraphDriver.Data` by `docker inspect`.
+    #[serde(rename = "Metadata")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `/GraphDriver.Changes` reply; `Kind` is an integer on the wire.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ChangesResponse {
+    /// The changes, as `docker diff` prints them.
+    #[serde(rename = "Changes")]
+    pub changes: Vec<Change>,
+}
+
+/// `/GraphDriver.ApplyDiff` and `/GraphDriver.DiffSize` reply.
+///
+/// Go decodes it into an `int64`, so the server refuses sizes above
+/// `i64::MAX` rather than sending a number dockerd cannot read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SizeResponse {
+    /// Size in bytes.
+    #[serde(rename = "Size")]
+    pub size: i64,
+}
+
+/// `/GraphDriver.Capabilities` reply: `{"Capabilities":{...}}`.
+///
+/// The nesting is what dockerd's code reads; its documentation shows the
+/// inner object alone, which dockerd would silently ignore.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CapabilitiesResponse {
+    /// The driver's capabilities.
+    #[serde(rename = "Capabilities")]
+    pub capabilities: Capabilities,
+}
