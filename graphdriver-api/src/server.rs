@@ -1,1 +1,0 @@
-//! The plugin HTTP server on a unix socket.
