@@ -1,9 +1,62 @@
 //! Test support shared by the crates' integration tests. Never shipped.
 //!
-//! [`require`] decides whether a test that needs a prerequisite (a Ceph
-//! cluster, root, FUSE, loop devices, dockerd) runs, skips, or fails: bare
-//! `cargo test` skips with a message; under `scripts/test`, which sets
-//! `DOCKER_RBD_TEST_STRICT=1`, a missing prerequisite is a failure.
+//! - [`require`] decides whether a test that needs a prerequisite (a Ceph
+//!   cluster, root, FUSE, loop devices, dockerd) runs, skips, or fails: bare
+//!   `cargo test` skips with a message; under `scripts/test`, which sets
+//!   `DOCKER_RBD_TEST_STRICT=1`, a missing prerequisite is a failure.
+//! - [`ceph`]: where the test cluster is.
+//! - [`dockerd`]: a private dockerd per test ([`dockerd::Dockerd`]).
+//! - [`host`]: a private mount namespace standing for one machine
+//!   ([`host::Host`]), so one test can run several dockerds side by side.
+//! - [`images`]: image tarballs without a registry (`docker import` rootfs,
+//!   `docker save`-format multi-layer images with Docker's special entries).
+//! - [`process`], [`mounts`], [`sha256`]: the pieces those are built from.
 
 pub mod ceph;
+pub mod dockerd;
+pub mod host;
+pub mod images;
+pub mod mounts;
+pub mod process;
 pub mod require;
+pub mod sha256;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The directory under which testkit puts every scratch directory it makes
+/// (`<tmp>/docker-rbd-testkit`, mode 0700). A [`host::Host`] detaches its
+/// copies of mounts under it, so put a test's mount points there too.
+pub fn scratch_root() -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let root = std::env::temp_dir().join("docker-rbd-testkit");
+    match std::fs::DirBuilder::new().mode(0o700).create(&root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("mkdir {}: {e}", root.display())),
+    }
+    root.canonicalize().map_err(|e| format!("{}: {e}", root.display()))
+}
+
+/// A fresh scratch directory under [`scratch_root`], removed on drop.
+pub fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir, String> {
+    let root = scratch_root()?;
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}-"))
+        .tempdir_in(&root)
+        .map_err(|e| format!("scratch dir in {}: {e}", root.display()))
+}
+
+/// A short name no other test (of this or another process) uses:
+/// `prefix` followed by lower-case hex. Use it for graphdriver plugin
+/// names (`-s <name>`, `/run/docker/plugins/<name>.sock`), image tags and
+/// container names.
+pub fn unique_name(prefix: &str) -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{:x}t{seq:x}n{:04x}", std::process::id(), nanos & 0xffff)
+}
