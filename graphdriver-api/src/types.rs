@@ -2,7 +2,10 @@
 //!
 //! dockerd's Go structs use `omitempty`, so any key may be missing, and
 //! `Opts`, `UIDMaps` and `GIDMaps` may be `null`. Every request type therefore
-//! defaults every field. Response types skip empty fields the same way Go does.
+//! defaults every field, and reads `null` as the default, as Go's decoder
+//! does. Response types always write their field, even when empty (`{"Exists":
+//! false}`, `{"Changes":[]}`): Go reads a present zero value exactly as it
+//! reads a missing one.
 
 use std::collections::BTreeMap;
 
@@ -27,7 +30,7 @@ pub struct IdMap {
 #[serde(default)]
 pub struct InitRequest {
     /// `<data-root>/<driver name>`; dockerd does not create it.
-    #[serde(rename = "Home")]
+    #[serde(rename = "Home", deserialize_with = "null_as_default")]
     pub home: String,
     /// `dockerd --storage-opt k=v` values, verbatim.
     #[serde(rename = "Opts", deserialize_with = "null_as_default")]
@@ -45,13 +48,13 @@ pub struct InitRequest {
 #[serde(default)]
 pub struct CreateRequest {
     /// The new layer's id (64 hex, or `<64 hex>-init`).
-    #[serde(rename = "ID")]
+    #[serde(rename = "ID", deserialize_with = "null_as_default")]
     pub id: String,
     /// The parent layer's id; empty for a base layer.
-    #[serde(rename = "Parent")]
+    #[serde(rename = "Parent", deserialize_with = "null_as_default")]
     pub parent: String,
     /// SELinux mount label; empty when SELinux is off.
-    #[serde(rename = "MountLabel")]
+    #[serde(rename = "MountLabel", deserialize_with = "null_as_default")]
     pub mount_label: String,
     /// Per-container `docker run --storage-opt` values (e.g. `size`).
     #[serde(rename = "StorageOpt", deserialize_with = "null_as_default")]
@@ -65,13 +68,13 @@ pub struct CreateRequest {
 #[serde(default)]
 pub struct IdRequest {
     /// The layer's id.
-    #[serde(rename = "ID")]
+    #[serde(rename = "ID", deserialize_with = "null_as_default")]
     pub id: String,
     /// The parent layer's id, for the diff requests; empty otherwise.
-    #[serde(rename = "Parent")]
+    #[serde(rename = "Parent", deserialize_with = "null_as_default")]
     pub parent: String,
     /// SELinux mount label, sent on `Get`.
-    #[serde(rename = "MountLabel")]
+    #[serde(rename = "MountLabel", deserialize_with = "null_as_default")]
     pub mount_label: String,
 }
 

@@ -513,3 +513,423 @@ fn hex_value(c: u8) -> Option<u8> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::types::IdMap;
+
+    const L1: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const M: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+    fn ok(endpoint: Endpoint, body: &str) -> Request {
+        match parse(endpoint, None, body.as_bytes()) {
+            Ok(request) => request,
+            Err(err) => panic!("{endpoint} {body:?}: {err}"),
+        }
+    }
+
+    fn err(endpoint: Endpoint, body: &str) -> String {
+        match parse(endpoint, None, body.as_bytes()) {
+            Ok(request) => panic!("{endpoint} {body:?} parsed as {request:?}"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn routes_every_endpoint_by_path() {
+        for endpoint in Endpoint::ALL {
+            let path = format!("/{}", endpoint.name());
+            assert_eq!(route(&Method::POST, &path), Ok(endpoint), "{path}");
+        }
+    }
+
+    #[test]
+    fn route_errors() {
+        let cases: &[(Method, &str, RouteError)] = &[
+            (
+                Method::POST,
+                "/GraphDriver.Nope",
+                RouteError::NotFound {
+                    path: "/GraphDriver.Nope".into(),
+                },
+            ),
+            (Method::GET, "/", RouteError::NotFound { path: "/".into() }),
+            (
+                Method::POST,
+                "/graphdriver.create",
+                RouteError::NotFound {
+                    path: "/graphdriver.create".into(),
+                },
+            ),
+            (
+                Method::GET,
+                "/GraphDriver.Create",
+                RouteError::MethodNotAllowed {
+                    endpoint: Endpoint::Create,
+                    method: "GET".into(),
+                },
+            ),
+            (
+                Method::PUT,
+                "/Plugin.Activate",
+                RouteError::MethodNotAllowed {
+                    endpoint: Endpoint::Activate,
+                    method: "PUT".into(),
+                },
+            ),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(route(method, path).as_ref(), Err(want), "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn init_bodies_as_dockerd_sends_them() {
+        let cases: &[(&str, InitRequest)] = &[
+            (
+                r#"{"Home":"/var/lib/docker/rbd","Opts":null,"UIDMaps":null,"GIDMaps":null}
+"#,
+                InitRequest {
+                    home: "/var/lib/docker/rbd".into(),
+                    ..InitRequest::default()
+                },
+            ),
+            (
+                r#"{"Home":"/d/rbdprobe","Opts":["rbd.pool=docker","rbd.size=10G"],"UIDMaps":null,"GIDMaps":null}"#,
+                InitRequest {
+                    home: "/d/rbdprobe".into(),
+                    opts: vec!["rbd.pool=docker".into(), "rbd.size=10G".into()],
+                    ..InitRequest::default()
+                },
+            ),
+            (
+                r#"{"Home":"/d/231072.231072/rbd","Opts":null,"UIDMaps":[{"container_id":0,"host_id":231072,"size":65536}],"GIDMaps":[{"container_id":0,"host_id":231072,"size":65536}]}"#,
+                InitRequest {
+                    home: "/d/231072.231072/rbd".into(),
+                    opts: vec![],
+                    uid_maps: vec![IdMap {
+                        container_id: 0,
+                        host_id: 231072,
+                        size: 65536,
+                    }],
+                    gid_maps: vec![IdMap {
+                        container_id: 0,
+                        host_id: 231072,
+                        size: 65536,
+                    }],
+                },
+            ),
+            ("{}", InitRequest::default()),
+            ("", InitRequest::default()),
+            ("null", InitRequest::default()),
+            (
+                r#"{"Home":"/h","Unknown":{"nested":[1,2]}}"#,
+                InitRequest {
+                    home: "/h".into(),
+                    ..InitRequest::default()
+                },
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                ok(Endpoint::Init, body),
+                Request::Init(want.clone()),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn create_bodies_as_dockerd_sends_them() {
+        let size = BTreeMap::from([("size".to_owned(), "20G".to_owned())]);
+        let cases: &[(Endpoint, String, CreateRequest)] = &[
+            (
+                Endpoint::Create,
+                format!("{{\"ID\":\"{L1}\"}}\n"),
+                CreateRequest {
+                    id: L1.into(),
+                    ..CreateRequest::default()
+                },
+            ),
+            (
+                Endpoint::Create,
+                format!("{{\"ID\":\"{M}\",\"Parent\":\"{L1}\"}}\n"),
+                CreateRequest {
+                    id: M.into(),
+                    parent: L1.into(),
+                    ..CreateRequest::default()
+                },
+            ),
+            (
+                Endpoint::CreateReadWrite,
+                format!(
+                    "{{\"ID\":\"{M}-init\",\"Parent\":\"{L1}\",\"MountLabel\":\"system_u:object_r:container_file_t:s0:c1,c2\",\"StorageOpt\":{{\"size\":\"20G\"}}}}\n"
+                ),
+                CreateRequest {
+                    id: format!("{M}-init"),
+                    parent: L1.into(),
+                    mount_label: "system_u:object_r:container_file_t:s0:c1,c2".into(),
+                    storage_opt: size.clone(),
+                },
+            ),
+            (
+                Endpoint::CreateReadWrite,
+                format!("{{\"ID\":\"{M}\",\"Parent\":\"{M}-init\",\"StorageOpt\":null}}"),
+                CreateRequest {
+                    id: M.into(),
+                    parent: format!("{M}-init"),
+                    ..CreateRequest::default()
+                },
+            ),
+        ];
+        for (endpoint, body, want) in cases {
+            let want = match endpoint {
+                Endpoint::Create => Request::Create(want.clone()),
+                _ => Request::CreateReadWrite(want.clone()),
+            };
+            assert_eq!(ok(*endpoint, body), want, "{body}");
+        }
+    }
+
+    #[test]
+    fn id_bodies_map_to_their_requests() {
+        let id = format!("{{\"ID\":\"{M}\"}}\n");
+        let id_label = format!("{{\"ID\":\"{M}\",\"MountLabel\":\"lbl\"}}\n");
+        let id_parent = format!("{{\"ID\":\"{M}\",\"Parent\":\"{M}-init\"}}\n");
+        let m = || M.to_owned();
+        let init = || format!("{M}-init");
+        let cases: Vec<(Endpoint, &str, Request)> = vec![
+            (Endpoint::Remove, &id, Request::Remove { id: m() }),
+            (
+                Endpoint::Get,
+                &id,
+                Request::Get {
+                    id: m(),
+                    mount_label: String::new(),
+                },
+            ),
+            (
+                Endpoint::Get,
+                &id_label,
+                Request::Get {
+                    id: m(),
+                    mount_label: "lbl".into(),
+                },
+            ),
+            (Endpoint::Put, &id, Request::Put { id: m() }),
+            (Endpoint::Exists, &id, Request::Exists { id: m() }),
+            (Endpoint::GetMetadata, &id, Request::GetMetadata { id: m() }),
+            (
+                Endpoint::Diff,
+                &id_parent,
+                Request::Diff {
+                    id: m(),
+                    parent: init(),
+                },
+            ),
+            (
+                Endpoint::Diff,
+                &id,
+                Request::Diff {
+                    id: m(),
+                    parent: String::new(),
+                },
+            ),
+            (
+                Endpoint::Changes,
+                &id_parent,
+                Request::Changes {
+                    id: m(),
+                    parent: init(),
+                },
+            ),
+            (
+                Endpoint::DiffSize,
+                &id_parent,
+                Request::DiffSize {
+                    id: m(),
+                    parent: init(),
+                },
+            ),
+            (Endpoint::Status, "{}\n", Request::Status),
+            (Endpoint::Cleanup, "{}\n", Request::Cleanup),
+            (Endpoint::Capabilities, "{}\n", Request::Capabilities),
+            (Endpoint::Activate, "", Request::Activate),
+            // Activate ignores whatever body it gets.
+            (Endpoint::Activate, "not json", Request::Activate),
+            (
+                Endpoint::Remove,
+                "{}",
+                Request::Remove { id: String::new() },
+            ),
+            (
+                Endpoint::Remove,
+                "null",
+                Request::Remove { id: String::new() },
+            ),
+            (
+                Endpoint::Remove,
+                " \n\t ",
+                Request::Remove { id: String::new() },
+            ),
+            (
+                Endpoint::Remove,
+                r#"{"ID":null}"#,
+                Request::Remove { id: String::new() },
+            ),
+        ];
+        for (endpoint, body, want) in cases {
+            let got = ok(endpoint, body);
+            assert_eq!(got, want, "{endpoint} {body:?}");
+            assert_eq!(got.endpoint(), endpoint);
+        }
+    }
+
+    #[test]
+    fn bad_bodies_name_the_endpoint_and_the_problem() {
+        let cases: &[(Endpoint, &str, &str)] = &[
+            (Endpoint::Create, r#"{"ID":5}"#, "invalid type: integer `5`"),
+            (Endpoint::Create, r#"{"ID":"a""#, "EOF while parsing"),
+            (Endpoint::Create, r#"{"ID":"a"} x"#, "trailing characters"),
+            (
+                Endpoint::Create,
+                r#"{"StorageOpt":{"size":20}}"#,
+                "invalid type: integer `20`, expected a string",
+            ),
+            (
+                Endpoint::Create,
+                r#"{"StorageOpt":["size"]}"#,
+                "expected a map",
+            ),
+            (
+                Endpoint::Init,
+                r#"{"Opts":"rbd.pool=x"}"#,
+                "expected a sequence",
+            ),
+            (
+                Endpoint::Init,
+                r#"{"UIDMaps":[{"ContainerID":0,"HostID":1,"Size":2}]}"#,
+                "missing field `container_id`",
+            ),
+            (
+                Endpoint::Get,
+                "[]",
+                "expected a JSON object, found an array",
+            ),
+            (
+                Endpoint::Get,
+                r#""ID""#,
+                "expected a JSON object, found a string",
+            ),
+            (
+                Endpoint::Get,
+                "17",
+                "expected a JSON object, found a number",
+            ),
+            (
+                Endpoint::Get,
+                "true",
+                "expected a JSON object, found a boolean",
+            ),
+            (Endpoint::Get, "nul", "EOF while parsing a value"),
+            (Endpoint::Get, "nil", "expected ident"),
+            (Endpoint::Status, "{", "EOF while parsing an object"),
+            (Endpoint::Status, "[1]", "found an array"),
+            (Endpoint::Diff, "\u{1}", "expected value"),
+        ];
+        for (endpoint, body, want) in cases {
+            let message = err(*endpoint, body);
+            assert!(
+                message.starts_with(&format!("invalid {endpoint} request body: ")),
+                "{message}"
+            );
+            assert!(
+                message.contains(want),
+                "{body:?}: {message:?} lacks {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn apply_diff_query() {
+        let cases: &[(Option<&str>, Result<(&str, &str), QueryError>)] = &[
+            (Some("id=abc&parent=def"), Ok(("abc", "def"))),
+            (Some("id=abc&parent="), Ok(("abc", ""))),
+            (Some("parent=def&id=abc"), Ok(("abc", "def"))),
+            (Some("id=abc"), Ok(("abc", ""))),
+            (Some("id=abc&parent"), Ok(("abc", ""))),
+            (None, Ok(("", ""))),
+            (Some(""), Ok(("", ""))),
+            (Some("&&id=a&&"), Ok(("a", ""))),
+            (Some("id=a%2Db+c&other=x&x"), Ok(("a-b c", ""))),
+            (Some("%69d=abc"), Ok(("abc", ""))),
+            (
+                Some("id=a%zz"),
+                Err(QueryError::BadEscape { param: "id".into() }),
+            ),
+            (
+                Some("id=a%2"),
+                Err(QueryError::BadEscape { param: "id".into() }),
+            ),
+            (
+                Some("parent=%ff"),
+                Err(QueryError::NotUtf8 {
+                    param: "parent".into(),
+                }),
+            ),
+            (
+                Some("id=a&id=b"),
+                Err(QueryError::Duplicate { param: "id" }),
+            ),
+        ];
+        for (query, want) in cases {
+            let got = parse_apply_diff_query(*query);
+            match (got, want) {
+                (Ok(got), Ok((id, parent))) => {
+                    assert_eq!(
+                        (got.id.as_str(), got.parent.as_str()),
+                        (*id, *parent),
+                        "{query:?}"
+                    )
+                }
+                (Err(got), Err(want)) => assert_eq!(&got, want, "{query:?}"),
+                (got, want) => panic!("{query:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn apply_diff_ignores_the_body_and_reports_the_query() {
+        let request = parse(Endpoint::ApplyDiff, Some("id=l1&parent="), b"\x00tar bytes");
+        assert_eq!(
+            request.ok(),
+            Some(Request::ApplyDiff {
+                id: "l1".into(),
+                parent: String::new()
+            })
+        );
+        let message = match parse(Endpoint::ApplyDiff, Some("id=%"), b"") {
+            Err(err) => err.to_string(),
+            Ok(request) => panic!("parsed {request:?}"),
+        };
+        assert_eq!(
+            message,
+            "invalid GraphDriver.ApplyDiff query string: parameter \"id\" has a malformed percent escape"
+        );
+    }
+
+    #[test]
+    fn ids_and_parents_for_logs() {
+        let request = ok(
+            Endpoint::Create,
+            &format!("{{\"ID\":\"{M}\",\"Parent\":\"{L1}\"}}"),
+        );
+        assert_eq!(request.id(), Some(M));
+        assert_eq!(request.parent(), Some(L1));
+        assert_eq!(Request::Status.id(), None);
+        assert_eq!(Request::Put { id: "x".into() }.parent(), None);
+    }
+}
