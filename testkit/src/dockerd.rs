@@ -60,13 +60,20 @@ pub fn dockerd_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("DOCKER_RBD_DOCKERD") {
         return Some(PathBuf::from(p));
     }
-    ["/usr/bin/dockerd", "/usr/sbin/dockerd"].into_iter().map(PathBuf::from).find(|p| p.exists())
+    ["/usr/bin/dockerd", "/usr/sbin/dockerd"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
 }
 
 /// What a test needs to start a private dockerd, or why it cannot.
 pub fn missing() -> Option<String> {
     crate::require::root()
-        .or_else(|| dockerd_binary().is_none().then(|| "dockerd is not installed (docker.io)".to_string()))
+        .or_else(|| {
+            dockerd_binary()
+                .is_none()
+                .then(|| "dockerd is not installed (docker.io)".to_string())
+        })
         .or_else(|| crate::require::path(DOCKER_CLI))
         .or_else(|| crate::require::path("/usr/bin/containerd"))
         .or_else(|| crate::require::path("/bin/busybox"))
@@ -171,7 +178,13 @@ impl Dockerd {
         let prefix: String = cfg
             .name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .take(24)
             .collect();
         let dir = tempfile::Builder::new()
@@ -179,7 +192,10 @@ impl Dockerd {
             .tempdir_in(&root)
             .map_err(|e| format!("scratch dir in {}: {e}", root.display()))?
             .keep();
-        let base = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let base = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut d = Dockerd {
             cgroup_parent: format!("/docker-rbd-testkit-{base}"),
             cfg,
@@ -200,7 +216,10 @@ impl Dockerd {
             std::fs::create_dir_all(self.dir.join(sub)).map_err(|e| format!("mkdir: {e}"))?;
         }
         let mut json = Map::new();
-        json.insert("deprecated-key-path".into(), Value::String(self.dir.join("key.json").display().to_string()));
+        json.insert(
+            "deprecated-key-path".into(),
+            Value::String(self.dir.join("key.json").display().to_string()),
+        );
         json.insert("shutdown-timeout".into(), Value::from(5));
         for (k, v) in &self.cfg.daemon_json {
             json.insert(k.clone(), v.clone());
@@ -214,9 +233,11 @@ impl Dockerd {
                 None => inside,
             };
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
             }
-            std::fs::write(&path, format!("{addr}\n")).map_err(|e| format!("write {}: {e}", path.display()))?;
+            std::fs::write(&path, format!("{addr}\n"))
+                .map_err(|e| format!("write {}: {e}", path.display()))?;
             self.spec_files.push(path);
         }
         Ok(())
@@ -249,7 +270,12 @@ impl Dockerd {
             .arg(format!("unix://{}", self.socket().display()))
             .arg("--config-file")
             .arg(self.config_file())
-            .args(["--iptables=false", "--ip-forward=false", "--bridge=none", "--userland-proxy=false"])
+            .args([
+                "--iptables=false",
+                "--ip-forward=false",
+                "--bridge=none",
+                "--userland-proxy=false",
+            ])
             .arg("--cgroup-parent")
             .arg(&self.cgroup_parent)
             .arg("-s")
@@ -261,7 +287,13 @@ impl Dockerd {
             cmd.arg("--storage-opt").arg(opt);
         }
         cmd.args(&self.cfg.extra_args);
-        for var in ["DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH", "NOTIFY_SOCKET"] {
+        for var in [
+            "DOCKER_HOST",
+            "DOCKER_CONTEXT",
+            "DOCKER_TLS_VERIFY",
+            "DOCKER_CERT_PATH",
+            "NOTIFY_SOCKET",
+        ] {
             cmd.env_remove(var);
         }
         cmd.envs(self.cfg.env.iter().map(|(k, v)| (k, v)));
@@ -270,7 +302,8 @@ impl Dockerd {
         let child = cmd.spawn().map_err(|e| format!("spawn {shown}: {e}"))?;
         self.child = Some(child);
         self.containerd_pid = None;
-        self.wait_ready().map_err(|e| format!("{e}\ncommand: {shown}\n{}", self.log_excerpt()))?;
+        self.wait_ready()
+            .map_err(|e| format!("{e}\ncommand: {shown}\n{}", self.log_excerpt()))?;
         self.containerd_pid = self.find_containerd();
         Ok(())
     }
@@ -292,7 +325,10 @@ impl Dockerd {
                     if driver == self.cfg.storage_driver {
                         return Ok(());
                     }
-                    return Err(format!("dockerd runs storage driver {driver:?}, not {:?}", self.cfg.storage_driver));
+                    return Err(format!(
+                        "dockerd runs storage driver {driver:?}, not {:?}",
+                        self.cfg.storage_driver
+                    ));
                 }
                 Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),
                 Err(e) => e,
@@ -378,7 +414,9 @@ impl Dockerd {
 
     /// The whole log so far.
     pub fn log(&self) -> String {
-        std::fs::read(self.log_path()).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+        std::fs::read(self.log_path())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     /// The last `lines` lines of the log.
@@ -389,7 +427,11 @@ impl Dockerd {
     }
 
     fn log_excerpt(&self) -> String {
-        format!("--- dockerd log ({}), last 80 lines ---\n{}", self.log_path().display(), self.log_tail(80))
+        format!(
+            "--- dockerd log ({}), last 80 lines ---\n{}",
+            self.log_path().display(),
+            self.log_tail(80)
+        )
     }
 
     /// dockerd's pid while it runs.
@@ -422,7 +464,12 @@ impl Dockerd {
     pub fn docker_command(&self) -> Command {
         let mut cmd = Command::new(DOCKER_CLI);
         cmd.arg("-H").arg(self.host_uri());
-        for var in ["DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH"] {
+        for var in [
+            "DOCKER_HOST",
+            "DOCKER_CONTEXT",
+            "DOCKER_TLS_VERIFY",
+            "DOCKER_CERT_PATH",
+        ] {
             cmd.env_remove(var);
         }
         cmd.env("DOCKER_CONFIG", self.dir.join("cli"));
@@ -471,7 +518,8 @@ impl Dockerd {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let out = self.docker(&args);
         self.check_ok(&args, &out)
     }
@@ -482,17 +530,24 @@ impl Dockerd {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let out = self.docker_stdin(&args, Some(stdin));
         self.check_ok(&args, &out)
     }
 
     fn check_ok(&self, args: &[std::ffi::OsString], out: &Output) -> String {
         if !out.status.success() {
-            let shown: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+            let shown: Vec<String> = args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
             panic!(
                 "{}\n{}",
-                process::describe_output(&format!("{DOCKER_CLI} -H {} {}", self.host_uri(), shown.join(" ")), out),
+                process::describe_output(
+                    &format!("{DOCKER_CLI} -H {} {}", self.host_uri(), shown.join(" ")),
+                    out
+                ),
                 self.log_excerpt()
             );
         }
@@ -503,14 +558,22 @@ impl Dockerd {
     /// directories for [`Dockerd::restart`].
     pub fn stop(&mut self) -> Result<(), String> {
         let errors = self.stop_processes(true);
-        if errors.is_empty() { Ok(()) } else { Err(errors.join("\n")) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("\n"))
+        }
     }
 
     /// Kills dockerd, its containerd and shims with SIGKILL, as a machine
     /// crash would, and unmounts what they left; keeps the directories.
     pub fn crash(&mut self) -> Result<(), String> {
         let errors = self.stop_processes(false);
-        if errors.is_empty() { Ok(()) } else { Err(errors.join("\n")) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("\n"))
+        }
     }
 
     /// Starts dockerd again on the same directories (stopping it first when
@@ -528,7 +591,11 @@ impl Dockerd {
     pub fn shutdown(mut self) -> Result<(), String> {
         let mut errors = self.cleanup();
         errors.extend(self.leftovers());
-        if errors.is_empty() { Ok(()) } else { Err(errors.join("\n")) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("\n"))
+        }
     }
 
     /// What is left of this instance: live processes, mounts, directories.
@@ -551,7 +618,9 @@ impl Dockerd {
         }
         if let Some(h) = &self.cfg.host {
             match mounts::mounts_under(Some(h.pid()), &self.dir) {
-                Ok(m) if !m.is_empty() => left.push(format!("mounts left in host {}: {m:?}", h.name())),
+                Ok(m) if !m.is_empty() => {
+                    left.push(format!("mounts left in host {}: {m:?}", h.name()))
+                }
                 Ok(_) => {}
                 Err(e) => left.push(e),
             }
@@ -588,15 +657,27 @@ impl Dockerd {
             }
         }
         if let Some(pid) = self.containerd_pid.take().filter(|&p| self.is_ours(p)) {
-            let grace = if graceful { Duration::from_secs(10) } else { Duration::ZERO };
+            let grace = if graceful {
+                Duration::from_secs(10)
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = process::terminate(pid, grace) {
                 errors.push(format!("containerd: {e}"));
             }
         }
         // Shims (and anything else started with our containerd's address).
-        let address = self.exec_root().join("containerd/containerd.sock").display().to_string();
+        let address = self
+            .exec_root()
+            .join("containerd/containerd.sock")
+            .display()
+            .to_string();
         for pid in process::live_pids_with_cmdline(&address) {
-            let grace = if graceful { Duration::from_secs(5) } else { Duration::ZERO };
+            let grace = if graceful {
+                Duration::from_secs(5)
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = process::terminate(pid, grace) {
                 errors.push(format!("shim: {e}"));
             }
@@ -617,7 +698,10 @@ impl Dockerd {
         if let Err(e) = mounts::unmount_under(None, &self.dir) {
             errors.push(e);
         }
-        for pidfile in [self.pidfile(), self.exec_root().join("containerd/containerd.pid")] {
+        for pidfile in [
+            self.pidfile(),
+            self.exec_root().join("containerd/containerd.pid"),
+        ] {
             if let Err(e) = process::remove_stale_pidfile(&pidfile) {
                 errors.push(e);
             }
@@ -649,7 +733,10 @@ impl Dockerd {
                 errors.push(e);
             }
         } else {
-            errors.push(format!("left {} in place: mounts remain under it", self.dir.display()));
+            errors.push(format!(
+                "left {} in place: mounts remain under it",
+                self.dir.display()
+            ));
         }
         errors
     }
@@ -723,7 +810,9 @@ fn remove_cgroup_tree(dir: &Path) -> Result<(), String> {
         match std::fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if Instant::now() >= deadline => return Err(format!("rmdir {}: {e}", dir.display())),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("rmdir {}: {e}", dir.display()));
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }

@@ -64,7 +64,10 @@ impl Drop for Inner {
         if let Ok(mut holder) = self.holder.lock()
             && let Err(e) = process::terminate_child(&mut holder, Duration::from_secs(5))
         {
-            eprintln!("testkit host {}: stopping namespace holder {}: {e}", self.name, self.pid);
+            eprintln!(
+                "testkit host {}: stopping namespace holder {}: {e}",
+                self.name, self.pid
+            );
         }
     }
 }
@@ -80,7 +83,10 @@ pub struct Host {
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Host").field("name", &self.inner.name).field("pid", &self.inner.pid).finish()
+        f.debug_struct("Host")
+            .field("name", &self.inner.name)
+            .field("pid", &self.inner.pid)
+            .finish()
     }
 }
 
@@ -90,13 +96,24 @@ impl Host {
         std::fs::create_dir_all("/etc/docker").map_err(|e| format!("mkdir /etc/docker: {e}"))?;
         let scratch = crate::scratch_root()?;
         let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c", HOLDER_SCRIPT, "testkit-host"])
-            .arg(std::process::id().to_string())
-            .arg(&scratch)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| format!("host {name}: spawn unshare: {e}"))?;
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            HOLDER_SCRIPT,
+            "testkit-host",
+        ])
+        .arg(std::process::id().to_string())
+        .arg(&scratch)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("host {name}: spawn unshare: {e}"))?;
         let pid = child.id() as i32;
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -112,7 +129,10 @@ impl Host {
             if let Some(mut e) = child.stderr.take() {
                 let _ = e.read_to_string(&mut err);
             }
-            return Err(format!("host {name}: namespace holder did not come up: {}", err.trim()));
+            return Err(format!(
+                "host {name}: namespace holder did not come up: {}",
+                err.trim()
+            ));
         }
         let ns_path = format!("/proc/{pid}/ns/mnt");
         let ns = File::open(&ns_path).map_err(|e| format!("host {name}: open {ns_path}: {e}"));
@@ -124,7 +144,15 @@ impl Host {
             }
         };
         let ns_inode = ns.metadata().map(|m| m.ino()).unwrap_or(0);
-        Ok(Host { inner: Arc::new(Inner { name: name.to_string(), pid, holder: Mutex::new(child), ns, ns_inode }) })
+        Ok(Host {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                pid,
+                holder: Mutex::new(child),
+                ns,
+                ns_inode,
+            }),
+        })
     }
 
     /// The name given at creation.
@@ -192,7 +220,10 @@ impl Host {
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
-            Err(process::describe_output(&format!("host {}: {program} {args:?}", self.name()), &out))
+            Err(process::describe_output(
+                &format!("host {}: {program} {args:?}", self.name()),
+                &out,
+            ))
         }
     }
 
@@ -225,7 +256,8 @@ impl Host {
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
             .filter(|&pid| pid != self.inner.pid)
             .filter(|&pid| {
-                std::fs::metadata(format!("/proc/{pid}/ns/mnt")).is_ok_and(|m| m.ino() == self.inner.ns_inode)
+                std::fs::metadata(format!("/proc/{pid}/ns/mnt"))
+                    .is_ok_and(|m| m.ino() == self.inner.ns_inode)
             })
             .filter(|&pid| process::is_live(pid) && parent_of(pid) != Some(self.inner.pid))
             .collect();

@@ -29,11 +29,71 @@ pub const BUSYBOX: &str = "/bin/busybox";
 
 /// Applets linked in `/bin` of the busybox rootfs.
 pub const BUSYBOX_APPLETS: &[&str] = &[
-    "[", "basename", "cat", "chmod", "chown", "cmp", "cp", "cut", "date", "dd", "df", "diff", "dirname", "du",
-    "echo", "env", "expr", "false", "find", "grep", "head", "hexdump", "hostname", "id", "kill", "ln", "ls",
-    "md5sum", "mkdir", "mkfifo", "mknod", "mount", "mv", "od", "printf", "ps", "pwd", "readlink", "realpath", "rm",
-    "rmdir", "sed", "seq", "setsid", "sh", "sha256sum", "sleep", "sort", "stat", "sync", "tail", "tar", "tee",
-    "test", "touch", "tr", "true", "truncate", "umount", "uname", "uniq", "wc", "which", "xargs", "yes",
+    "[",
+    "basename",
+    "cat",
+    "chmod",
+    "chown",
+    "cmp",
+    "cp",
+    "cut",
+    "date",
+    "dd",
+    "df",
+    "diff",
+    "dirname",
+    "du",
+    "echo",
+    "env",
+    "expr",
+    "false",
+    "find",
+    "grep",
+    "head",
+    "hexdump",
+    "hostname",
+    "id",
+    "kill",
+    "ln",
+    "ls",
+    "md5sum",
+    "mkdir",
+    "mkfifo",
+    "mknod",
+    "mount",
+    "mv",
+    "od",
+    "printf",
+    "ps",
+    "pwd",
+    "readlink",
+    "realpath",
+    "rm",
+    "rmdir",
+    "sed",
+    "seq",
+    "setsid",
+    "sh",
+    "sha256sum",
+    "sleep",
+    "sort",
+    "stat",
+    "sync",
+    "tail",
+    "tar",
+    "tee",
+    "test",
+    "touch",
+    "tr",
+    "true",
+    "truncate",
+    "umount",
+    "uname",
+    "uniq",
+    "wc",
+    "which",
+    "xargs",
+    "yes",
 ];
 
 /// Default mtime of entries (2023-11-14), so tars are reproducible.
@@ -155,7 +215,11 @@ impl Layer {
 
     /// A hard link to `target`, an earlier entry of this layer.
     pub fn hardlink(self, path: &str, target: &str) -> Layer {
-        self.entry(Entry::new(path, Kind::Hardlink(target.trim_start_matches('/').to_string()), 0o644))
+        self.entry(Entry::new(
+            path,
+            Kind::Hardlink(target.trim_start_matches('/').to_string()),
+            0o644,
+        ))
     }
 
     /// A character device.
@@ -187,7 +251,11 @@ impl Layer {
     /// `<dir>/.wh..wh..opq`. Add the directory entry itself before it.
     pub fn opaque(self, dir: &str) -> Layer {
         let dir = dir.trim_start_matches('/').trim_end_matches('/');
-        self.entry(Entry::new(&format!("{dir}/.wh..wh..opq"), Kind::File(Vec::new()), 0o644))
+        self.entry(Entry::new(
+            &format!("{dir}/.wh..wh..opq"),
+            Kind::File(Vec::new()),
+            0o644,
+        ))
     }
 
     /// Sets the owner of the last entry.
@@ -269,7 +337,12 @@ fn append_entry(b: &mut tar::Builder<Vec<u8>>, e: &Entry) -> std::io::Result<()>
             records.extend(pax_record(&format!("SCHILY.xattr.{name}"), value));
         }
         let mut h = Header::new_ustar();
-        let base = e.path.trim_end_matches('/').rsplit('/').next().unwrap_or("x");
+        let base = e
+            .path
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("x");
         let name: String = format!("PaxHeaders.0/{base}").chars().take(99).collect();
         h.set_path(&name)?;
         h.set_entry_type(EntryType::XHeader);
@@ -328,7 +401,8 @@ pub fn busybox_rootfs_tar() -> Result<Vec<u8>, String> {
 
 /// Writes [`busybox_rootfs_tar`] to `path`.
 pub fn write_busybox_rootfs_tar(path: &Path) -> Result<(), String> {
-    std::fs::write(path, busybox_rootfs_tar()?).map_err(|e| format!("write {}: {e}", path.display()))
+    std::fs::write(path, busybox_rootfs_tar()?)
+        .map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// An image to `docker load`.
@@ -364,7 +438,9 @@ impl Image {
             repo_tag: repo_tag.to_string(),
             layers,
             cmd: vec!["sh".to_string()],
-            env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()],
+            env: vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            ],
         }
     }
 
@@ -409,7 +485,8 @@ impl Image {
                 h.set_mode(0o644);
                 h.set_size(data.len() as u64);
             }
-            out.append_data(&mut h, path, data).map_err(|e| format!("save tar {path}: {e}"))
+            out.append_data(&mut h, path, data)
+                .map_err(|e| format!("save tar {path}: {e}"))
         };
         // v1 layer directories named by a chain of the diff ids.
         let mut parent = String::new();
@@ -422,19 +499,38 @@ impl Image {
             }
             add(&format!("{v1}/"), &[], true)?;
             add(&format!("{v1}/VERSION"), b"1.0", false)?;
-            add(&format!("{v1}/json"), &serde_json::to_vec(&v1_json).map_err(|e| e.to_string())?, false)?;
+            add(
+                &format!("{v1}/json"),
+                &serde_json::to_vec(&v1_json).map_err(|e| e.to_string())?,
+                false,
+            )?;
             add(&format!("{v1}/layer.tar"), tar, false)?;
             layer_paths.push(format!("{v1}/layer.tar"));
             parent = v1;
         }
         add(&format!("{config_hex}.json"), &config, false)?;
         let manifest = json!([{"Config": format!("{config_hex}.json"), "RepoTags": [self.repo_tag], "Layers": layer_paths}]);
-        add("manifest.json", &serde_json::to_vec(&manifest).map_err(|e| e.to_string())?, false)?;
+        add(
+            "manifest.json",
+            &serde_json::to_vec(&manifest).map_err(|e| e.to_string())?,
+            false,
+        )?;
         let mut repos = BTreeMap::new();
         repos.insert(repo, BTreeMap::from([(tag, parent.clone())]));
-        add("repositories", &serde_json::to_vec(&repos).map_err(|e| e.to_string())?, false)?;
-        let tar = out.into_inner().map_err(|e| format!("finish save tar: {e}"))?;
-        Ok(SavedImage { tar, id: format!("sha256:{config_hex}"), diff_ids, config })
+        add(
+            "repositories",
+            &serde_json::to_vec(&repos).map_err(|e| e.to_string())?,
+            false,
+        )?;
+        let tar = out
+            .into_inner()
+            .map_err(|e| format!("finish save tar: {e}"))?;
+        Ok(SavedImage {
+            tar,
+            id: format!("sha256:{config_hex}"),
+            diff_ids,
+            config,
+        })
     }
 
     /// Writes the `docker save`-format tarball to `path`.
@@ -555,14 +651,20 @@ pub fn check_special_export(tar_bytes: &[u8]) -> Result<(), String> {
     let mut ar = tar::Archive::new(tar_bytes);
     for entry in ar.entries().map_err(|e| format!("export tar: {e}"))? {
         let mut entry = entry.map_err(|e| format!("export tar entry: {e}"))?;
-        let path = entry.path().map_err(|e| e.to_string())?.to_string_lossy().trim_end_matches('/').to_string();
+        let path = entry
+            .path()
+            .map_err(|e| e.to_string())?
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_string();
         let path = path.trim_start_matches("./").to_string();
         let mut s = Seen::default();
         if let Some(exts) = entry.pax_extensions().map_err(|e| e.to_string())? {
             for ext in exts {
                 let ext = ext.map_err(|e| e.to_string())?;
                 if let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                    s.xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+                    s.xattrs
+                        .push((name.to_string(), ext.value_bytes().to_vec()));
                 }
             }
         }
@@ -571,7 +673,11 @@ pub fn check_special_export(tar_bytes: &[u8]) -> Result<(), String> {
         s.mode = h.mode().map_err(|e| e.to_string())? & 0o7777;
         s.uid = h.uid().map_err(|e| e.to_string())?;
         s.gid = h.gid().map_err(|e| e.to_string())?;
-        s.link = entry.link_name().ok().flatten().map(|l| l.to_string_lossy().into_owned());
+        s.link = entry
+            .link_name()
+            .ok()
+            .flatten()
+            .map(|l| l.to_string_lossy().into_owned());
         if matches!(h.entry_type(), EntryType::Char | EntryType::Block) {
             s.dev = Some((
                 h.device_major().ok().flatten().unwrap_or(0),
@@ -589,18 +695,36 @@ pub fn check_special_export(tar_bytes: &[u8]) -> Result<(), String> {
         }
     };
     let x = get("x")?;
-    expect(x.data == b"layer3\n", format!("x holds {:?}", String::from_utf8_lossy(&x.data)));
-    expect(!seen.contains_key("data/gone"), "data/gone is present".into());
-    expect(!seen.contains_key("data/opq/old"), "data/opq/old is present".into());
-    expect(get("data/opq/new")?.data == b"new\n", "data/opq/new content".into());
+    expect(
+        x.data == b"layer3\n",
+        format!("x holds {:?}", String::from_utf8_lossy(&x.data)),
+    );
+    expect(
+        !seen.contains_key("data/gone"),
+        "data/gone is present".into(),
+    );
+    expect(
+        !seen.contains_key("data/opq/old"),
+        "data/opq/old is present".into(),
+    );
+    expect(
+        get("data/opq/new")?.data == b"new\n",
+        "data/opq/new content".into(),
+    );
     let setuid = get("data/setuid")?;
-    expect(setuid.mode == 0o4755, format!("data/setuid mode {:o}", setuid.mode));
+    expect(
+        setuid.mode == 0o4755,
+        format!("data/setuid mode {:o}", setuid.mode),
+    );
     let h1 = get("data/hard1")?;
     let h2 = get("data/hard2")?;
     // One of the two is the hardlink to the other.
     let linked = (h2.kind == Some(EntryType::Link) && h2.link.as_deref() == Some("data/hard1"))
         || (h1.kind == Some(EntryType::Link) && h1.link.as_deref() == Some("data/hard2"));
-    expect(linked, format!("data/hard1 and data/hard2 are not hardlinked: {h1:?} {h2:?}"));
+    expect(
+        linked,
+        format!("data/hard1 and data/hard2 are not hardlinked: {h1:?} {h2:?}"),
+    );
     let null = get("data/null")?;
     expect(
         null.kind == Some(EntryType::Char) && null.dev == Some((1, 3)) && null.mode == 0o666,
@@ -608,19 +732,34 @@ pub fn check_special_export(tar_bytes: &[u8]) -> Result<(), String> {
     );
     let cap = get("data/cap")?;
     expect(
-        cap.xattrs.iter().any(|(k, v)| k == "security.capability" && *v == cap_net_raw_xattr()),
+        cap.xattrs
+            .iter()
+            .any(|(k, v)| k == "security.capability" && *v == cap_net_raw_xattr()),
         format!("data/cap xattrs: {:?}", cap.xattrs),
     );
     let owned = get("data/owned")?;
-    expect(owned.uid == 1000 && owned.gid == 1000 && owned.mode == 0o600, format!("data/owned: {owned:?}"));
-    expect(get("data/fifo")?.kind == Some(EntryType::Fifo), "data/fifo is not a fifo".into());
+    expect(
+        owned.uid == 1000 && owned.gid == 1000 && owned.mode == 0o600,
+        format!("data/owned: {owned:?}"),
+    );
+    expect(
+        get("data/fifo")?.kind == Some(EntryType::Fifo),
+        "data/fifo is not a fifo".into(),
+    );
     let link = get("data/link")?;
     expect(
         link.kind == Some(EntryType::Symlink) && link.link.as_deref() == Some("keep"),
         format!("data/link: {link:?}"),
     );
-    expect(get("bin/busybox")?.data.len() > 100_000, "bin/busybox is short".into());
-    if errors.is_empty() { Ok(()) } else { Err(errors.join("\n")) }
+    expect(
+        get("bin/busybox")?.data.len() > 100_000,
+        "bin/busybox is short".into(),
+    );
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("\n"))
+    }
 }
 
 /// An `n`-layer image (`n >= 1`) for chain-depth tests: layer 0 is busybox;
@@ -628,9 +767,17 @@ pub fn check_special_export(tar_bytes: &[u8]) -> Result<(), String> {
 /// every tenth layer whites out the file of five layers before.
 /// [`chain_expected`] gives the resulting `/chain` listing.
 pub fn chain_image(repo_tag: &str, n: usize) -> Result<Image, String> {
-    let mut layers = vec![Layer::busybox()?.dir("chain", 0o755).file("depth", "0\n", 0o644)];
+    let mut layers = vec![
+        Layer::busybox()?
+            .dir("chain", 0o755)
+            .file("depth", "0\n", 0o644),
+    ];
     for i in 1..n {
-        let mut l = Layer::new().dir("chain", 0o755).file(&format!("chain/{i:03}"), format!("{i}\n"), 0o644);
+        let mut l = Layer::new().dir("chain", 0o755).file(
+            &format!("chain/{i:03}"),
+            format!("{i}\n"),
+            0o644,
+        );
         l = l.file("depth", format!("{i}\n"), 0o644);
         if i % 10 == 0 && i > 5 {
             l = l.whiteout(&format!("chain/{:03}", i - 5));
@@ -643,7 +790,10 @@ pub fn chain_image(repo_tag: &str, n: usize) -> Result<Image, String> {
 /// The names in `/chain` of [`chain_image`]`(n)`, sorted; `/depth` holds
 /// `n - 1`.
 pub fn chain_expected(n: usize) -> Vec<String> {
-    (1..n).filter(|i| !(i + 5 < n && (i + 5) % 10 == 0)).map(|i| format!("{i:03}")).collect()
+    (1..n)
+        .filter(|i| !(i + 5 < n && (i + 5) % 10 == 0))
+        .map(|i| format!("{i:03}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -684,7 +834,11 @@ mod tests {
                     h.entry_type(),
                     h.mode().unwrap(),
                     h.uid().unwrap(),
-                    if h.entry_type() == EntryType::Char { h.device_major().unwrap() } else { None },
+                    if h.entry_type() == EntryType::Char {
+                        h.device_major().unwrap()
+                    } else {
+                        None
+                    },
                     xattrs,
                 ),
             );
@@ -695,7 +849,13 @@ mod tests {
         assert_eq!(found["data/null"].0, EntryType::Char);
         assert_eq!(found["data/null"].3, Some(1));
         assert_eq!(found["data/owned"].2, 1000);
-        assert_eq!(found["data/cap"].4, vec![("SCHILY.xattr.security.capability".to_string(), cap_net_raw_xattr())]);
+        assert_eq!(
+            found["data/cap"].4,
+            vec![(
+                "SCHILY.xattr.security.capability".to_string(),
+                cap_net_raw_xattr()
+            )]
+        );
         assert_eq!(found["data/fifo"].0, EntryType::Fifo);
 
         let top = special_layers().unwrap()[2].to_tar().unwrap();
@@ -705,12 +865,21 @@ mod tests {
             .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
             .collect();
         assert!(names.contains(&"data/.wh.gone".to_string()), "{names:?}");
-        assert!(names.contains(&"data/opq/.wh..wh..opq".to_string()), "{names:?}");
+        assert!(
+            names.contains(&"data/opq/.wh..wh..opq".to_string()),
+            "{names:?}"
+        );
     }
 
     #[test]
     fn save_tar_has_manifest_config_and_matching_diff_ids() {
-        let img = Image::new("t/x:1", vec![Layer::new().file("a", "a\n", 0o644), Layer::new().whiteout("a")]);
+        let img = Image::new(
+            "t/x:1",
+            vec![
+                Layer::new().file("a", "a\n", 0o644),
+                Layer::new().whiteout("a"),
+            ],
+        );
         let saved = img.save_tar().unwrap();
         let mut files = BTreeMap::new();
         for e in tar::Archive::new(saved.tar.as_slice()).entries().unwrap() {
@@ -722,14 +891,20 @@ mod tests {
         }
         let manifest: serde_json::Value = serde_json::from_slice(&files["manifest.json"]).unwrap();
         let config_name = manifest[0]["Config"].as_str().unwrap();
-        assert_eq!(format!("sha256:{}", config_name.trim_end_matches(".json")), saved.id);
+        assert_eq!(
+            format!("sha256:{}", config_name.trim_end_matches(".json")),
+            saved.id
+        );
         assert_eq!(manifest[0]["RepoTags"][0], "t/x:1");
         let config: serde_json::Value = serde_json::from_slice(&files[config_name]).unwrap();
         let layers = manifest[0]["Layers"].as_array().unwrap();
         assert_eq!(layers.len(), 2);
         for (i, l) in layers.iter().enumerate() {
             let tar = &files[l.as_str().unwrap()];
-            assert_eq!(config["rootfs"]["diff_ids"][i], format!("sha256:{}", sha256::hex_digest(tar)));
+            assert_eq!(
+                config["rootfs"]["diff_ids"][i],
+                format!("sha256:{}", sha256::hex_digest(tar))
+            );
         }
         let repos: serde_json::Value = serde_json::from_slice(&files["repositories"]).unwrap();
         assert!(repos["t/x"]["1"].is_string());

@@ -35,7 +35,8 @@ pub fn scratch_root() -> Result<PathBuf, String> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(format!("mkdir {}: {e}", root.display())),
     }
-    root.canonicalize().map_err(|e| format!("{}: {e}", root.display()))
+    root.canonicalize()
+        .map_err(|e| format!("{}: {e}", root.display()))
 }
 
 /// A fresh scratch directory under [`scratch_root`], removed on drop.
@@ -58,5 +59,9 @@ pub fn unique_name(prefix: &str) -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{:x}t{seq:x}n{:04x}", std::process::id(), nanos & 0xffff)
+    format!(
+        "{prefix}{:x}t{seq:x}n{:04x}",
+        std::process::id(),
+        nanos & 0xffff
+    )
 }

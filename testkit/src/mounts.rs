@@ -24,7 +24,9 @@ fn unescape(field: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
@@ -67,7 +69,11 @@ pub fn mounts_of(pid: Option<i32>) -> Result<Vec<Mount>, String> {
 /// mounts stacked on or below them).
 pub fn mounts_under(pid: Option<i32>, dir: &Path) -> Result<Vec<PathBuf>, String> {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    Ok(mounts_of(pid)?.into_iter().map(|m| m.target).filter(|t| t.starts_with(&dir)).collect())
+    Ok(mounts_of(pid)?
+        .into_iter()
+        .map(|m| m.target)
+        .filter(|t| t.starts_with(&dir))
+        .collect())
 }
 
 /// Lazily unmounts everything at or below `dir`, newest first, in `host`'s
@@ -91,7 +97,11 @@ pub fn unmount_under(host: Option<&Host>, dir: &Path) -> Result<(), String> {
                 Some(host) => {
                     let mut cmd = host.command("umount");
                     cmd.arg("-l").arg(&target);
-                    let _ = crate::process::run_with_timeout(cmd, None, std::time::Duration::from_secs(30));
+                    let _ = crate::process::run_with_timeout(
+                        cmd,
+                        None,
+                        std::time::Duration::from_secs(30),
+                    );
                 }
             }
         }

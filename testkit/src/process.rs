@@ -31,7 +31,10 @@ pub fn state(pid: i32) -> State {
     };
     // "pid (comm) S ...": comm may hold spaces and parentheses; the state
     // follows the last ')'.
-    match stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) {
+    match stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+    {
         Some("Z") | Some("X") | Some("x") => State::Zombie,
         Some(_) => State::Live,
         None => State::Gone,
@@ -107,13 +110,19 @@ pub fn terminate(pid: i32, grace: Duration) -> Result<(), String> {
     if wait_dead(pid, Duration::from_secs(10)) {
         Ok(())
     } else {
-        Err(format!("pid {pid} ({}) survived SIGKILL", cmdline(pid).unwrap_or_default()))
+        Err(format!(
+            "pid {pid} ({}) survived SIGKILL",
+            cmdline(pid).unwrap_or_default()
+        ))
     }
 }
 
 /// Stops our own child: SIGTERM, wait up to `grace`, SIGKILL; reaps it.
 pub fn terminate_child(child: &mut Child, grace: Duration) -> Result<ExitStatus, String> {
-    if let Some(status) = child.try_wait().map_err(|e| format!("wait {}: {e}", child.id()))? {
+    if let Some(status) = child
+        .try_wait()
+        .map_err(|e| format!("wait {}: {e}", child.id()))?
+    {
         return Ok(status);
     }
     signal(child.id() as i32, Signal::SIGTERM)?;
@@ -125,18 +134,26 @@ pub fn terminate_child(child: &mut Child, grace: Duration) -> Result<ExitStatus,
 
 /// SIGKILLs our own child and reaps it.
 pub fn kill_child(child: &mut Child) -> Result<ExitStatus, String> {
-    if let Some(status) = child.try_wait().map_err(|e| format!("wait {}: {e}", child.id()))? {
+    if let Some(status) = child
+        .try_wait()
+        .map_err(|e| format!("wait {}: {e}", child.id()))?
+    {
         return Ok(status);
     }
     signal(child.id() as i32, Signal::SIGKILL)?;
-    child.wait().map_err(|e| format!("wait {}: {e}", child.id()))
+    child
+        .wait()
+        .map_err(|e| format!("wait {}: {e}", child.id()))
 }
 
 /// Waits up to `timeout` for our child to exit; `None` on timeout.
 pub fn wait_child(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>, String> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(status) = child.try_wait().map_err(|e| format!("wait {}: {e}", child.id()))? {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| format!("wait {}: {e}", child.id()))?
+        {
             return Ok(Some(status));
         }
         if Instant::now() >= deadline {
@@ -179,11 +196,19 @@ pub fn remove_stale_pidfile(path: &Path) -> Result<bool, String> {
 /// its pid) when it is not done within `timeout`. Output is captured.
 /// `Err` only when it could not be started or timed out; a non-zero exit is
 /// in the returned status.
-pub fn run_with_timeout(mut cmd: Command, stdin: Option<Vec<u8>>, timeout: Duration) -> Result<Output, String> {
+pub fn run_with_timeout(
+    mut cmd: Command,
+    stdin: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<Output, String> {
     let shown = format!("{cmd:?}");
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| format!("spawn {shown}: {e}"))?;
     let writer = match (stdin, child.stdin.take()) {
         (Some(data), Some(mut pipe)) => Some(std::thread::spawn(move || {
@@ -202,8 +227,18 @@ pub fn run_with_timeout(mut cmd: Command, stdin: Option<Vec<u8>>, timeout: Durat
             buf
         })
     };
-    let out = read_all(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err = read_all(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let out = read_all(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = read_all(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let status = match wait_child(&mut child, timeout)? {
         Some(status) => status,
         None => {
@@ -217,7 +252,11 @@ pub fn run_with_timeout(mut cmd: Command, stdin: Option<Vec<u8>>, timeout: Durat
     }
     let stdout = out.join().unwrap_or_default();
     let stderr = err.join().unwrap_or_default();
-    Ok(Output { status, stdout, stderr })
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 /// A readable account of a finished command for error messages.
