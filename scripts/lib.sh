@@ -42,6 +42,7 @@ cluster_stop() {
             printf '%s: cluster logs kept in %s/log\n' "${0##*/}" "$CLUSTER_DIR" >&2
         else
             rm -rf "$CLUSTER_DIR"
+            printf '%s: removed %s\n' "${0##*/}" "$CLUSTER_DIR" >&2
         fi
     fi
     CLUSTER_DIR=
