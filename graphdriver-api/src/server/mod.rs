@@ -79,7 +79,7 @@ pub async fn serve<D: GraphDriver>(
             let _ = stop_rx.await;
         })
         .into_future();
-    let mut server = std::pin::pin!(server);
+    let mut server = Box::pin(server);
     let mut shutdown = std::pin::pin!(shutdown);
     let served = tokio::select! {
         result = &mut server => result,
@@ -87,7 +87,7 @@ pub async fn serve<D: GraphDriver>(
             tracing::info!(socket = %bound.path.display(), "shutting down: finishing in-flight requests");
             let _ = stop_tx.send(());
             match config.shutdown_grace {
-                None => server.await,
+                None => (&mut server).await,
                 Some(grace) => match tokio::time::timeout(grace, &mut server).await {
                     Ok(result) => result,
                     Err(_elapsed) => {
@@ -101,7 +101,9 @@ pub async fn serve<D: GraphDriver>(
             }
         }
     };
-    let removed = bound.remove();
+    // Closes the listener if a grace timeout left the server future alive.
+    drop(server);
+    let removed = bound.remove().await;
     served.map_err(|source| ServerError::Serve {
         path: bound.path.clone(),
         source,

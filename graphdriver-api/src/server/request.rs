@@ -855,7 +855,8 @@ mod tests {
 
     #[test]
     fn apply_diff_query() {
-        let cases: &[(Option<&str>, Result<(&str, &str), QueryError>)] = &[
+        type Want = Result<(&'static str, &'static str), QueryError>;
+        let cases: &[(Option<&str>, Want)] = &[
             (Some("id=abc&parent=def"), Ok(("abc", "def"))),
             (Some("id=abc&parent="), Ok(("abc", ""))),
             (Some("parent=def&id=abc"), Ok(("abc", "def"))),

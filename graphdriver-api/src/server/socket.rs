@@ -401,25 +401,37 @@ fn resolve_group(group: &SocketGroup) -> Result<u32, ServerError> {
 
 impl SocketFile {
     /// Removes the socket file if it is still the one this server bound.
-    pub(crate) fn remove(&self) -> Result<(), ServerError> {
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
-                match std::fs::remove_file(&self.path) {
-                    Ok(()) => Ok(()),
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-                    Err(source) => Err(ServerError::RemoveSocket {
-                        path: self.path.clone(),
-                        source,
-                    }),
-                }
+    ///
+    /// Called once the listener is closed. The file is ours if its device
+    /// and inode are the ones bound and nothing answers on it (a socket
+    /// recreated at the path can reuse the freed inode; if it answers, it
+    /// belongs to another server and stays).
+    pub(crate) async fn remove(&self) -> Result<(), ServerError> {
+        let path = &self.path;
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(ServerError::RemoveSocket {
+                    path: path.clone(),
+                    source,
+                });
             }
-            Ok(_) => {
-                tracing::warn!(socket = %self.path.display(), "socket path now belongs to another server; leaving it");
-                Ok(())
-            }
+        };
+        let same_inode = meta.dev() == self.dev && meta.ino() == self.ino;
+        let answered = matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, tokio::net::UnixStream::connect(path)).await,
+            Ok(Ok(_)) | Err(_)
+        );
+        if !same_inode || answered {
+            tracing::warn!(socket = %path.display(), "socket path now belongs to another server; leaving it");
+            return Ok(());
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(ServerError::RemoveSocket {
-                path: self.path.clone(),
+                path: path.clone(),
                 source,
             }),
         }

@@ -491,13 +491,20 @@ impl TestServer {
     }
 
     /// Signals shutdown and waits for `serve` to return.
-    pub async fn stop(mut self) -> Result<(), ServerError> {
+    pub async fn stop(self) -> Result<(), ServerError> {
+        self.stop_keeping_dir().await.0
+    }
+
+    /// [`TestServer::stop`], handing back the temporary directory so that
+    /// its contents can be inspected afterwards.
+    pub async fn stop_keeping_dir(mut self) -> (Result<(), ServerError>, tempfile::TempDir) {
         self.signal_stop();
         let task = self.task.take().expect("server task");
-        tokio::time::timeout(WAIT, task)
+        let result = tokio::time::timeout(WAIT, task)
             .await
             .expect("server did not stop in time")
-            .expect("server task panicked")
+            .expect("server task panicked");
+        (result, self.dir)
     }
 }
 
