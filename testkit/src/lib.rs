@@ -10,9 +10,12 @@
 //!   ([`host::Host`]), so one test can run several dockerds side by side.
 //! - [`images`]: image tarballs without a registry (`docker import` rootfs,
 //!   `docker save`-format multi-layer images with Docker's special entries).
+//! - [`daemon`]: a background daemon (a plugin server) started by a test,
+//!   ready when its socket answers, stopped by pid on drop.
 //! - [`process`], [`mounts`], [`sha256`]: the pieces those are built from.
 
 pub mod ceph;
+pub mod daemon;
 pub mod dockerd;
 pub mod host;
 pub mod images;
