@@ -21,6 +21,8 @@ pub enum Target {
         /// The snapshot.
         snap: String,
     },
+    /// An RBD namespace.
+    Namespace(String),
     /// A monitor command (its JSON text).
     Command(String),
     /// A configuration option of the cluster handle.
@@ -37,6 +39,7 @@ impl fmt::Display for Target {
             Target::Snapshot { image, snap } => {
                 write!(f, "snapshot {:?}", format!("{image}@{snap}"))
             }
+            Target::Namespace(n) => write!(f, "namespace {n:?}"),
             Target::Command(c) => write!(f, "command {c}"),
             Target::ConfigOption(o) => write!(f, "option {o:?}"),
         }

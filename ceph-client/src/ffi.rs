@@ -392,6 +392,19 @@ unsafe extern "C" {
     ) -> c_int;
     pub fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
 
+    pub fn rbd_namespace_create(io: rados_ioctx_t, namespace_name: *const c_char) -> c_int;
+    pub fn rbd_namespace_remove(io: rados_ioctx_t, namespace_name: *const c_char) -> c_int;
+    pub fn rbd_namespace_list(
+        io: rados_ioctx_t,
+        namespace_names: *mut c_char,
+        size: *mut size_t,
+    ) -> c_int;
+    pub fn rbd_namespace_exists(
+        io: rados_ioctx_t,
+        namespace_name: *const c_char,
+        exists: *mut bool,
+    ) -> c_int;
+
     pub fn rbd_open(
         io: rados_ioctx_t,
         name: *const c_char,

@@ -279,6 +279,66 @@ pub fn remove(ioctx: &IoCtx, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Creates RBD namespace `name` in the ioctx's pool (whatever namespace
+/// `ioctx` itself is in). Images can only be created in a namespace that
+/// exists. `EEXIST` if it does.
+pub fn namespace_create(ioctx: &IoCtx, name: &str) -> Result<()> {
+    const OP: &str = "rbd_namespace_create";
+    let n = cstr(OP, "namespace", name)?;
+    // SAFETY: valid ioctx and NUL-terminated name.
+    let ret = unsafe { ffi::rbd_namespace_create(ioctx.ptr(), n.as_ptr()) };
+    check(OP, || Target::Namespace(name.to_string()), ret.into())?;
+    Ok(())
+}
+
+/// Removes RBD namespace `name`. `EBUSY` while it holds images (including
+/// trashed ones); `ENOENT` if it does not exist.
+pub fn namespace_remove(ioctx: &IoCtx, name: &str) -> Result<()> {
+    const OP: &str = "rbd_namespace_remove";
+    let n = cstr(OP, "namespace", name)?;
+    // SAFETY: valid ioctx and NUL-terminated name.
+    let ret = unsafe { ffi::rbd_namespace_remove(ioctx.ptr(), n.as_ptr()) };
+    check(OP, || Target::Namespace(name.to_string()), ret.into())?;
+    Ok(())
+}
+
+/// Whether RBD namespace `name` exists in the ioctx's pool.
+pub fn namespace_exists(ioctx: &IoCtx, name: &str) -> Result<bool> {
+    const OP: &str = "rbd_namespace_exists";
+    let n = cstr(OP, "namespace", name)?;
+    let mut exists = false;
+    // SAFETY: valid ioctx, NUL-terminated name, valid out-pointer.
+    let ret = unsafe { ffi::rbd_namespace_exists(ioctx.ptr(), n.as_ptr(), &mut exists) };
+    check(OP, || Target::Namespace(name.to_string()), ret.into())?;
+    Ok(exists)
+}
+
+/// The RBD namespaces of the ioctx's pool.
+pub fn namespace_list(ioctx: &IoCtx) -> Result<Vec<String>> {
+    const OP: &str = "rbd_namespace_list";
+    let target = || Target::Pool(ioctx.pool_name().to_string());
+    let mut buf = vec![0u8; 1024];
+    for _ in 0..32 {
+        let mut size: size_t = buf.len();
+        // SAFETY: `buf` is writable for `size` bytes; valid out-pointer.
+        let ret =
+            unsafe { ffi::rbd_namespace_list(ioctx.ptr(), buf.as_mut_ptr().cast(), &mut size) };
+        if ret == -libc::ERANGE {
+            let want = size.max(buf.len() * 2);
+            buf.resize(want, 0);
+            continue;
+        }
+        check(OP, target, ret.into())?;
+        let used = &buf[..size.min(buf.len())];
+        return Ok(used
+            .split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect());
+    }
+    Err(Error::ceph(OP, target(), -(libc::ERANGE as i64)))
+}
+
 /// An open image. Closed on drop.
 ///
 /// librbd image handles allow concurrent I/O and queries from several
@@ -524,7 +584,7 @@ impl Image {
     /// Reads at `off` into `buf`; returns the bytes read, which is less than
     /// `buf.len()` at the end of the image or for requests over 1 GiB (use
     /// [`Image::read_exact_at`] to fill the buffer). `EINVAL` when `off` is
-    /// past the end.
+    /// at or past the end.
     pub fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
         let len = buf.len().min(MAX_IO);
         if len == 0 {
@@ -833,8 +893,10 @@ impl Image {
         Ok(owner != 0)
     }
 
-    /// The clients holding the managed exclusive lock (e.g.
-    /// `client.4123`); empty when nobody does.
+    /// The clients holding the managed exclusive lock, by session address
+    /// (e.g. `127.0.0.1:0/3141592`, as [`crate::Rados::client_addr`] gives
+    /// and [`Image::lock_break`] and blocklisting take); empty when nobody
+    /// does.
     pub fn lock_owners(&self) -> Result<Vec<String>> {
         const OP: &str = "rbd_lock_get_owners";
         let mut cap: usize = 4;
