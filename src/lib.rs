@@ -2,5 +2,6 @@
 //! on Ceph RBD.
 
 pub mod localstate;
+pub mod mapper;
 pub mod names;
 pub mod units;

@@ -1,0 +1,947 @@
+//! The fuse mapper: an RBD image as a file on a FUSE mount, served by
+//! librbd, with a loop device on that file.
+//!
+//! For kernels with neither rbd nor nbd (FUSE and loop are everywhere).
+//!
+//! # One server process per image
+//!
+//! Each mapped image is served by its own small process (the
+//! `docker-rbd-fuse` binary, or `docker-rbd fuse-serve`; entry point
+//! [`serve_main`]), not by the daemon. A FUSE mount dies with the process
+//! that serves it, and a loop device on a dead FUSE file fails every I/O,
+//! so if the daemon served the images itself, a crash or an upgrade restart
+//! of the daemon would break the root file system of every running
+//! container. The server process is started in its own session (so it does
+//! not get the daemon's terminal signals) and keeps running when the daemon
+//! dies; the restarted daemon [adopts](FuseMapper::adopt) the loop device
+//! and mount from its state directory. Under systemd, the daemon's unit
+//! needs `KillMode=process` (as `docker.service` has for its shims), or
+//! stopping the daemon stops the servers too.
+//!
+//! The server marks itself `PR_SET_IO_FLUSHER` (it sits in a block
+//! device's write-back path) and lowers its OOM score. If it dies anyway
+//! the mapping cannot be revived: [`FuseMapper::adopt`] reports it
+//! [stale](Error::Stale) and [`FuseMapper::unmap`] cleans it up.
+//!
+//! # Files
+//!
+//! Per mapping, under [`FuseConfig::run_dir`] (`/run/docker-rbd/fuse`), a
+//! directory named after the image spec holds `mnt/` (the FUSE mount, whose
+//! only file is `mnt/image`), `state.json` (what the daemon needs to find
+//! the mapping again) and `server.log` (the server's log).
+//!
+//! # Map and unmap
+//!
+//! map: start the server, wait for its readiness line, attach a loop device
+//! to `mnt/image` (`LOOP_CONFIGURE`, read-only for read-only requests,
+//! direct I/O when configured, no autoclear), record it.
+//!
+//! unmap: detach the loop device (refused with [`Error::Busy`] while it is
+//! mounted), unmount the FUSE file system (retried while the kernel drops
+//! its last reference to the image file), wait for the server to exit (it
+//! exits when its mount goes away, after flushing the image), remove the
+//! state directory.
+//!
+//! # Speed
+//!
+//! The server runs several FUSE worker threads, accepts 1 MiB requests and
+//! asynchronous direct I/O, and the loop device uses direct I/O on the
+//! image file so that data is cached once (in the page cache of the file
+//! system on the loop device), not twice. `benches/fuse_mapper.rs`
+//! compares it with `rbd bench` on the same cluster.
+
+pub mod backend;
+pub mod fs;
+pub mod loopdev;
+pub mod rbd;
+pub mod serve;
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use self::backend::{AnyBackend, BlockBackend, SparseFileBackend};
+pub use self::serve::{ServeArgs, serve_main};
+use super::{
+    CephConnection, Error, ImageSpec, MapRequest, MappedDevice, MapperKind, MappingHandle, Result,
+    sys,
+};
+
+/// How the daemon starts a FUSE server process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelperCommand {
+    /// The program.
+    pub program: PathBuf,
+    /// Arguments before the server's own (e.g. `fuse-serve`).
+    pub args: Vec<OsString>,
+}
+
+impl HelperCommand {
+    /// A dedicated server binary (e.g. `docker-rbd-fuse`).
+    pub fn binary(program: impl Into<PathBuf>) -> Self {
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+        }
+    }
+
+    /// `docker-rbd-fuse` next to the running executable when it exists,
+    /// else the running executable with the `fuse-serve` subcommand.
+    pub fn locate() -> Self {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("docker-rbd"));
+        if let Some(sibling) = exe.parent().map(|d| d.join("docker-rbd-fuse"))
+            && sibling.is_file()
+        {
+            return Self::binary(sibling);
+        }
+        Self {
+            program: exe,
+            args: vec!["fuse-serve".into()],
+        }
+    }
+}
+
+/// Settings of the fuse mapper.
+#[derive(Debug, Clone)]
+pub struct FuseConfig {
+    /// How to reach the cluster.
+    pub ceph: CephConnection,
+    /// Where per-mapping directories live.
+    pub run_dir: PathBuf,
+    /// The server process.
+    pub helper: HelperCommand,
+    /// FUSE worker threads per image.
+    pub threads: usize,
+    /// Largest FUSE request, bytes.
+    pub max_write: u32,
+    /// `FOPEN_DIRECT_IO` on the image file (bypass its page cache).
+    pub fuse_direct_io: bool,
+    /// Loop device direct I/O on the image file.
+    pub loop_direct_io: bool,
+    /// Bound on connecting to Ceph and mounting.
+    pub start_timeout: Duration,
+    /// Bound on each unmap step (loop detach, FUSE unmount, server exit).
+    pub stop_timeout: Duration,
+}
+
+impl FuseConfig {
+    /// Defaults: `/run/docker-rbd/fuse`, [`HelperCommand::locate`], 4
+    /// threads, 1 MiB requests, loop direct I/O.
+    pub fn new(ceph: CephConnection) -> Self {
+        Self {
+            ceph,
+            run_dir: PathBuf::from("/run/docker-rbd/fuse"),
+            helper: HelperCommand::locate(),
+            threads: 4,
+            max_write: 1 << 20,
+            fuse_direct_io: false,
+            loop_direct_io: true,
+            start_timeout: Duration::from_secs(60),
+            stop_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the fuse mapper records about a mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FuseHandle {
+    /// N of `/dev/loopN`.
+    pub loop_number: u32,
+    /// The FUSE mount (its file `image` backs the loop device).
+    pub mountpoint: PathBuf,
+    /// The mapping's state directory.
+    pub state_dir: PathBuf,
+    /// The FUSE server process.
+    pub server_pid: i32,
+}
+
+impl FuseHandle {
+    /// The image file the loop device is attached to.
+    pub fn image_file(&self) -> PathBuf {
+        self.mountpoint.join(fs::IMAGE_FILE)
+    }
+}
+
+/// `state.json`: written once the server runs, completed once the loop
+/// device is attached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StateFile {
+    spec: ImageSpec,
+    read_only: bool,
+    server_pid: i32,
+    loop_number: Option<u32>,
+}
+
+const STATE_FILE: &str = "state.json";
+const LOG_FILE: &str = "server.log";
+const MOUNT_DIR: &str = "mnt";
+
+/// What a FUSE server serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    Rbd { exclusive: bool },
+    File(PathBuf),
+}
+
+/// Maps images as loop devices on FUSE files.
+#[derive(Debug)]
+pub struct FuseMapper {
+    config: FuseConfig,
+    /// Serialises map and unmap within this process.
+    lock: Mutex<()>,
+}
+
+impl FuseMapper {
+    /// A fuse mapper; creates `run_dir`.
+    pub fn new(config: FuseConfig) -> Result<Self> {
+        std::fs::create_dir_all(&config.run_dir)
+            .map_err(|e| Error::io("create", &config.run_dir, e))?;
+        Ok(Self {
+            config,
+            lock: Mutex::new(()),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &FuseConfig {
+        &self.config
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The state directory for `spec`.
+    pub fn state_dir(&self, spec: &ImageSpec) -> PathBuf {
+        self.config.run_dir.join(dir_name(spec))
+    }
+
+    /// Maps an RBD image.
+    #[tracing::instrument(skip(self), fields(spec = %req.spec(), read_only = req.read_only))]
+    pub fn map(&self, req: &MapRequest) -> Result<MappedDevice> {
+        self.map_source(
+            req,
+            Source::Rbd {
+                exclusive: req.exclusive,
+            },
+        )
+    }
+
+    /// Maps a regular file instead of an RBD image, under the name of
+    /// `label`'s image (for tests and benchmarks without a cluster).
+    #[tracing::instrument(skip(self), fields(spec = %label.spec(), path = %path.display()))]
+    pub fn map_file(&self, path: &Path, label: &MapRequest) -> Result<MappedDevice> {
+        let path = path
+            .canonicalize()
+            .map_err(|e| Error::io("resolve", path, e))?;
+        self.map_source(label, Source::File(path))
+    }
+
+    fn map_source(&self, req: &MapRequest, source: Source) -> Result<MappedDevice> {
+        let spec = req.spec();
+        spec.validate()?;
+        let read_only = req.effective_read_only();
+        let _guard = self.guard();
+        let dir = self.state_dir(&spec);
+        if dir.exists() {
+            match read_state(&dir) {
+                Ok(Some(state)) if state.loop_number.is_some() => {
+                    let existing = state_to_device(&dir, &state);
+                    match self.check_live(&existing) {
+                        Ok(()) => {
+                            return Err(Error::AlreadyMapped {
+                                spec,
+                                device: existing.device,
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cleaning up a stale mapping before mapping again");
+                        }
+                    }
+                }
+                Ok(_) => tracing::warn!(dir = %dir.display(), "cleaning up an unfinished mapping"),
+                Err(e) => tracing::warn!(error = %e, "cleaning up an unreadable mapping"),
+            }
+            self.teardown_dir(&dir, &spec)?;
+        }
+        let mountpoint = dir.join(MOUNT_DIR);
+        std::fs::create_dir_all(&mountpoint).map_err(|e| Error::io("create", &mountpoint, e))?;
+
+        let server_pid = match self.start_server(&dir, &spec, read_only, &source) {
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Err(cleanup) = self.teardown_dir(&dir, &spec) {
+                    tracing::warn!(error = %cleanup, "cleanup after a failed start failed");
+                }
+                return Err(e);
+            }
+        };
+        let mut state = StateFile {
+            spec: spec.clone(),
+            read_only,
+            server_pid,
+            loop_number: None,
+        };
+        let attached = write_state(&dir, &state).and_then(|()| {
+            let image = mountpoint.join(fs::IMAGE_FILE);
+            loopdev::attach(&image, read_only, self.config.loop_direct_io)
+                .map_err(|e| loop_error(e, &image))
+        });
+        let attached = match attached.and_then(|a| {
+            state.loop_number = Some(a.number);
+            write_state(&dir, &state).map(|()| a)
+        }) {
+            Ok(a) => a,
+            Err(e) => {
+                if let Err(cleanup) = self.teardown_dir(&dir, &spec) {
+                    tracing::warn!(error = %cleanup, "cleanup after a failed attach failed");
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(device = %attached.device.display(), server_pid, direct_io = attached.direct_io, "mapped with fuse");
+        Ok(state_to_device(&dir, &state))
+    }
+
+    fn server_args(
+        &self,
+        mountpoint: &Path,
+        spec: &ImageSpec,
+        read_only: bool,
+        source: &Source,
+    ) -> Vec<OsString> {
+        let mut args: Vec<OsString> = self.config.helper.args.clone();
+        let mut push = |k: &str, v: OsString| {
+            args.push(k.into());
+            args.push(v);
+        };
+        push("--mountpoint", mountpoint.into());
+        push("--threads", self.config.threads.to_string().into());
+        push("--max-write", self.config.max_write.to_string().into());
+        push(
+            "--connect-timeout",
+            self.config
+                .start_timeout
+                .as_secs()
+                .max(1)
+                .to_string()
+                .into(),
+        );
+        match source {
+            Source::File(path) => push("--file", path.into()),
+            Source::Rbd { .. } => {
+                push("--pool", spec.pool.clone().into());
+                if let Some(ns) = &spec.namespace {
+                    push("--namespace", ns.into());
+                }
+                push("--image", spec.image.clone().into());
+                if let Some(snap) = &spec.snap {
+                    push("--snap", snap.into());
+                }
+                let c = &self.config.ceph;
+                if let Some(v) = &c.conf {
+                    push("--conf", v.into());
+                }
+                if let Some(v) = &c.id {
+                    push("--id", v.into());
+                }
+                if let Some(v) = &c.keyring {
+                    push("--keyring", v.into());
+                }
+                if let Some(v) = &c.cluster {
+                    push("--cluster", v.into());
+                }
+            }
+        }
+        if read_only {
+            args.push("--read-only".into());
+        }
+        if matches!(source, Source::Rbd { exclusive: true }) {
+            args.push("--exclusive".into());
+        }
+        if self.config.fuse_direct_io {
+            args.push("--direct-io".into());
+        }
+        args
+    }
+
+    /// Starts the server and waits for its readiness line; returns its pid.
+    fn start_server(
+        &self,
+        dir: &Path,
+        spec: &ImageSpec,
+        read_only: bool,
+        source: &Source,
+    ) -> Result<i32> {
+        let mountpoint = dir.join(MOUNT_DIR);
+        let log_path = dir.join(LOG_FILE);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::io("open", &log_path, e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| Error::io("dup", &log_path, e))?;
+        let (ready_rd, ready_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| Error::io("pipe", dir, e.into()))?;
+        let wr_fd = ready_wr.as_raw_fd();
+        let mut cmd = Command::new(&self.config.helper.program);
+        cmd.args(self.server_args(&mountpoint, spec, read_only, source))
+            .arg("--ready-fd")
+            .arg(wr_fd.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err));
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe calls (setsid, fcntl) on plain integers.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Let the readiness pipe survive exec in this child only.
+                if libc::fcntl(wr_fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            command: format!("{} (FUSE server)", self.config.helper.program.display()),
+            source,
+        })?;
+        drop(ready_wr);
+        let pid = child.id() as i32;
+        tracing::debug!(pid, "FUSE server started");
+        // Reap the server when it exits while we run; if we die first, init does.
+        let reaper = std::thread::Builder::new()
+            .name(format!("reap-{pid}"))
+            .spawn(move || {
+                let _ = child.wait();
+            });
+        if let Err(e) = reaper {
+            tracing::warn!(error = %e, pid, "cannot start a reaper thread; the server will stay a zombie after exit");
+        }
+        let line = read_line_with_timeout(File::from(ready_rd), self.config.start_timeout);
+        let failed = |errno: Option<i32>, message: String| {
+            let log = tail(&log_path, 2000);
+            Error::HelperStart {
+                spec: spec.to_string(),
+                errno,
+                message,
+                log,
+            }
+        };
+        let ready = match line {
+            Ok(Some(line)) => serde_json::from_str::<serve::Ready>(&line)
+                .map_err(|e| failed(None, format!("unreadable readiness line {line:?}: {e}")))?,
+            Ok(None) => {
+                sys::wait_exit(pid, Duration::from_secs(2));
+                return Err(failed(None, "it exited without reporting".to_string()));
+            }
+            Err(timeout) => {
+                tracing::error!(
+                    pid,
+                    ?timeout,
+                    "FUSE server did not become ready; killing it"
+                );
+                // SAFETY: kill with a pid we started and a valid signal.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                sys::wait_exit(pid, Duration::from_secs(5));
+                return Err(failed(
+                    Some(libc::ETIMEDOUT),
+                    format!("not ready within {timeout:?}"),
+                ));
+            }
+        };
+        if !ready.ok {
+            sys::wait_exit(pid, Duration::from_secs(5));
+            return Err(failed(ready.errno, ready.message));
+        }
+        tracing::info!(
+            pid,
+            size = ready.size,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "FUSE server ready"
+        );
+        Ok(pid)
+    }
+
+    /// Detaches, unmounts, stops the server and removes the state directory.
+    /// [`Error::Busy`] while the loop device is mounted.
+    #[tracing::instrument(skip(self, dev), fields(device = %dev.device.display(), spec = %dev.spec))]
+    pub fn unmap(&self, dev: &MappedDevice) -> Result<()> {
+        let MappingHandle::Fuse(handle) = &dev.handle else {
+            return Err(Error::WrongMapper {
+                expected: MapperKind::Fuse,
+                found: dev.kind(),
+            });
+        };
+        let _guard = self.guard();
+        if !handle.state_dir.starts_with(&self.config.run_dir) {
+            return Err(Error::InvalidRequest {
+                field: "state_dir",
+                value: handle.state_dir.display().to_string(),
+                reason: "is not under this mapper's run directory",
+            });
+        }
+        self.teardown(handle, &dev.spec)?;
+        remove_dir(&handle.state_dir)
+    }
+
+    fn teardown_dir(&self, dir: &Path, spec: &ImageSpec) -> Result<()> {
+        let state = read_state(dir).ok().flatten();
+        let handle = FuseHandle {
+            loop_number: state
+                .as_ref()
+                .and_then(|s| s.loop_number)
+                .unwrap_or(u32::MAX),
+            mountpoint: dir.join(MOUNT_DIR),
+            state_dir: dir.to_path_buf(),
+            server_pid: state.as_ref().map(|s| s.server_pid).unwrap_or(0),
+        };
+        self.teardown(&handle, spec)?;
+        remove_dir(dir)
+    }
+
+    fn teardown(&self, handle: &FuseHandle, spec: &ImageSpec) -> Result<()> {
+        let image = handle.image_file();
+        let wait = self.config.stop_timeout;
+        // 1. The loop device, if it is still ours.
+        if handle.loop_number != u32::MAX
+            && loopdev::backing_file(handle.loop_number).as_deref() == Some(image.as_path())
+        {
+            loopdev::detach(handle.loop_number, wait).map_err(|e| match e {
+                loopdev::LoopError::Busy { path }
+                | loopdev::LoopError::DetachTimeout { path, .. } => Error::Busy {
+                    device: path,
+                    detail: Some("mounted or held open".to_string()),
+                },
+                other => loop_error(other, &image),
+            })?;
+        }
+        // Loop devices we lost track of (a crash between attach and record).
+        for (number, backing) in loopdev::backed_under(&handle.state_dir) {
+            tracing::warn!(loop_number = number, backing = %backing.display(), "detaching an unrecorded loop device");
+            loopdev::detach(number, wait).map_err(|e| match e {
+                loopdev::LoopError::Busy { path }
+                | loopdev::LoopError::DetachTimeout { path, .. } => Error::Busy {
+                    device: path,
+                    detail: Some("unrecorded loop device in use".to_string()),
+                },
+                other => loop_error(other, &image),
+            })?;
+        }
+        // 2. The FUSE mount. The kernel drops the loop device's reference to
+        // the image file shortly after the detach; EBUSY until then.
+        let server_alive =
+            sys::process_matches(handle.server_pid, &handle.mountpoint.display().to_string());
+        unmount(&handle.mountpoint, server_alive, wait)?;
+        // 3. The server exits once its mount is gone.
+        if server_alive && !sys::wait_exit(handle.server_pid, wait) {
+            tracing::warn!(
+                pid = handle.server_pid,
+                "FUSE server still running after unmount; killing it"
+            );
+            // SAFETY: kill with a pid checked to be our server, valid signal.
+            unsafe { libc::kill(handle.server_pid, libc::SIGKILL) };
+            if !sys::wait_exit(handle.server_pid, Duration::from_secs(5)) {
+                return Err(Error::HelperStuck {
+                    spec: spec.to_string(),
+                    pid: handle.server_pid,
+                    waited: wait,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Every mapping with a state directory under `run_dir`.
+    pub fn list(&self) -> Result<Vec<MappedDevice>> {
+        let run_dir = &self.config.run_dir;
+        let entries = match std::fs::read_dir(run_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("read", run_dir, e)),
+        };
+        let mut found = Vec::new();
+        for entry in entries {
+            let dir = entry.map_err(|e| Error::io("read", run_dir, e))?.path();
+            match read_state(&dir) {
+                Ok(Some(state)) if state.loop_number.is_some() => {
+                    found.push(state_to_device(&dir, &state))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %dir.display(), "unreadable fuse mapping state")
+                }
+            }
+        }
+        found.sort_by(|a, b| a.device.cmp(&b.device));
+        Ok(found)
+    }
+
+    /// Checks that the recorded mapping is intact: server running, FUSE
+    /// mount present, loop device still on its image file.
+    pub fn adopt(&self, dev: &MappedDevice) -> Result<MappedDevice> {
+        if !matches!(dev.handle, MappingHandle::Fuse(_)) {
+            return Err(Error::WrongMapper {
+                expected: MapperKind::Fuse,
+                found: dev.kind(),
+            });
+        }
+        self.check_live(dev)?;
+        let MappingHandle::Fuse(handle) = &dev.handle else {
+            return Ok(dev.clone());
+        };
+        let mut current = dev.clone();
+        current.read_only = loopdev::read_only(handle.loop_number);
+        Ok(current)
+    }
+
+    fn check_live(&self, dev: &MappedDevice) -> Result<()> {
+        let MappingHandle::Fuse(handle) = &dev.handle else {
+            return Err(Error::WrongMapper {
+                expected: MapperKind::Fuse,
+                found: dev.kind(),
+            });
+        };
+        let stale = |reason: String| Error::Stale {
+            spec: dev.spec.clone(),
+            device: dev.device.clone(),
+            reason,
+        };
+        if !sys::process_matches(handle.server_pid, &handle.mountpoint.display().to_string()) {
+            return Err(stale(format!(
+                "its FUSE server (pid {}) is gone",
+                handle.server_pid
+            )));
+        }
+        match sys::mount_at(&handle.mountpoint) {
+            Some(m) if m.fstype.starts_with("fuse") => {}
+            Some(m) => {
+                return Err(stale(format!(
+                    "{} is a {} mount",
+                    handle.mountpoint.display(),
+                    m.fstype
+                )));
+            }
+            None => {
+                return Err(stale(format!(
+                    "{} is not mounted",
+                    handle.mountpoint.display()
+                )));
+            }
+        }
+        let image = handle.image_file();
+        match loopdev::backing_file(handle.loop_number) {
+            Some(b) if b == image => Ok(()),
+            Some(b) => Err(stale(format!(
+                "{} is now backed by {}",
+                dev.device.display(),
+                b.display()
+            ))),
+            None => Err(stale(format!("{} is not attached", dev.device.display()))),
+        }
+    }
+}
+
+fn loop_error(e: loopdev::LoopError, image: &Path) -> Error {
+    match e {
+        loopdev::LoopError::Io { op, path, source } => Error::Io { op, path, source },
+        loopdev::LoopError::Busy { path } => Error::Busy {
+            device: path,
+            detail: None,
+        },
+        other => Error::Io {
+            op: "attach a loop device to",
+            path: image.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::ResourceBusy, other.to_string()),
+        },
+    }
+}
+
+/// Unmounts the FUSE file system at `mountpoint`: retried on EBUSY for up
+/// to `wait`; a dead server's mount is detached lazily.
+fn unmount(mountpoint: &Path, server_alive: bool, wait: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        match sys::mount_at(mountpoint) {
+            Some(m) if m.fstype.starts_with("fuse") => {}
+            Some(m) => {
+                return Err(Error::Busy {
+                    device: mountpoint.to_path_buf(),
+                    detail: Some(format!(
+                        "a {} file system is mounted over the FUSE mount",
+                        m.fstype
+                    )),
+                });
+            }
+            None => return Ok(()),
+        }
+        let flags = if server_alive {
+            nix::mount::MntFlags::empty()
+        } else {
+            nix::mount::MntFlags::MNT_DETACH
+        };
+        match nix::mount::umount2(mountpoint, flags) {
+            Ok(()) => {
+                tracing::debug!(mountpoint = %mountpoint.display(), "FUSE file system unmounted");
+                return Ok(());
+            }
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(nix::errno::Errno::EBUSY) if started.elapsed() < wait => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(nix::errno::Errno::EBUSY) => {
+                return Err(Error::Busy {
+                    device: mountpoint.to_path_buf(),
+                    detail: Some("the image file is still open".to_string()),
+                });
+            }
+            Err(e) => return Err(Error::io("unmount", mountpoint, e.into())),
+        }
+    }
+}
+
+fn remove_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", dir, e)),
+    }
+}
+
+fn state_to_device(dir: &Path, state: &StateFile) -> MappedDevice {
+    let loop_number = state.loop_number.unwrap_or(u32::MAX);
+    MappedDevice {
+        device: loopdev::device_path(loop_number),
+        spec: state.spec.clone(),
+        read_only: state.read_only,
+        handle: MappingHandle::Fuse(FuseHandle {
+            loop_number,
+            mountpoint: dir.join(MOUNT_DIR),
+            state_dir: dir.to_path_buf(),
+            server_pid: state.server_pid,
+        }),
+    }
+}
+
+fn read_state(dir: &Path) -> Result<Option<StateFile>> {
+    let path = dir.join(STATE_FILE);
+    match std::fs::read(&path) {
+        Ok(raw) => serde_json::from_slice(&raw)
+            .map(Some)
+            .map_err(|e| Error::Parse {
+                command: path.display().to_string(),
+                reason: e.to_string(),
+                output: String::from_utf8_lossy(&raw).chars().take(500).collect(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("read", path, e)),
+    }
+}
+
+/// Writes `state.json` atomically (temporary file, fsync, rename).
+fn write_state(dir: &Path, state: &StateFile) -> Result<()> {
+    use std::io::Write;
+    let path = dir.join(STATE_FILE);
+    let tmp = dir.join(".state.json.tmp");
+    let raw = serde_json::to_vec_pretty(state).map_err(|e| Error::io("encode", &path, e.into()))?;
+    let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+    f.write_all(&raw)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e))
+}
+
+/// The state directory name of `spec`: its `pool/ns/image@snap` spelling
+/// with everything but `[A-Za-z0-9._-]` percent-escaped; long names are
+/// cut and suffixed with a hash to stay within NAME_MAX.
+pub fn dir_name(spec: &ImageSpec) -> String {
+    let text = spec.to_string();
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.len() > 200 {
+        // FNV-1a: stable across builds, unlike the std hasher.
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        out.truncate(180);
+        out.push_str(&format!("~{hash:016x}"));
+    }
+    out
+}
+
+/// Reads one line from `f`, up to `timeout`. `Ok(None)` on EOF without a
+/// line; `Err(timeout)` when time ran out.
+fn read_line_with_timeout(
+    mut f: File,
+    timeout: Duration,
+) -> std::result::Result<Option<String>, Duration> {
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    loop {
+        if let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            return Ok(Some(String::from_utf8_lossy(&buf[..nl]).into_owned()));
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(timeout);
+        }
+        let mut pfd = [nix::poll::PollFd::new(
+            f.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(ms)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(_) => return Ok(None),
+        }
+        let mut chunk = [0u8; 4096];
+        match f.read(&mut chunk) {
+            Ok(0) => {
+                return Ok((!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned()));
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// The last `max` bytes of a file, for error messages.
+fn tail(path: &Path, max: usize) -> String {
+    let Ok(raw) = std::fs::read(path) else {
+        return String::new();
+    };
+    let start = raw.len().saturating_sub(max);
+    String::from_utf8_lossy(&raw[start..]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn spec(image: &str, ns: Option<&str>, snap: Option<&str>) -> ImageSpec {
+        ImageSpec {
+            pool: "rbd".into(),
+            namespace: ns.map(Into::into),
+            image: image.into(),
+            snap: snap.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn dir_names_are_unique_and_safe() {
+        assert_eq!(dir_name(&spec("img", None, None)), "rbd%2Fimg");
+        assert_eq!(
+            dir_name(&spec("img", Some("ns"), Some("s"))),
+            "rbd%2Fns%2Fimg%40s"
+        );
+        assert_ne!(
+            dir_name(&spec("a", Some("b"), None)),
+            dir_name(&spec("b", Some("a"), None))
+        );
+        let long = dir_name(&spec(&"x".repeat(300), None, None));
+        assert!(long.len() <= 200, "{}", long.len());
+        assert_ne!(long, dir_name(&spec(&"x".repeat(301), None, None)));
+    }
+
+    #[test]
+    fn server_arguments() {
+        let ceph = CephConnection {
+            conf: Some("/c".into()),
+            id: Some("u".into()),
+            keyring: Some("/k".into()),
+            cluster: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = FuseConfig::new(ceph);
+        config.run_dir = dir.path().to_path_buf();
+        config.helper = HelperCommand {
+            program: "/bin/x".into(),
+            args: vec!["fuse-serve".into()],
+        };
+        let m = FuseMapper::new(config).unwrap();
+        let args = m.server_args(
+            Path::new("/m"),
+            &spec("img", Some("ns"), Some("s")),
+            true,
+            &Source::Rbd { exclusive: false },
+        );
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args.join(" "),
+            "fuse-serve --mountpoint /m --threads 4 --max-write 1048576 --connect-timeout 60 --pool rbd --namespace ns --image img --snap s --conf /c --id u --keyring /k --read-only"
+        );
+        let args = m.server_args(
+            Path::new("/m"),
+            &spec("img", None, None),
+            false,
+            &Source::File("/f".into()),
+        );
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args.join(" "),
+            "fuse-serve --mountpoint /m --threads 4 --max-write 1048576 --connect-timeout 60 --file /f"
+        );
+        // clap accepts what we generate
+        let parsed = ServeArgs::try_parse_from(
+            std::iter::once("x".to_string()).chain(args.into_iter().skip(1)),
+        )
+        .unwrap();
+        assert_eq!(parsed.file.as_deref(), Some(Path::new("/f")));
+    }
+
+    #[test]
+    fn readiness_line_timeout_and_eof() {
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let started = Instant::now();
+        assert!(read_line_with_timeout(File::from(rd), Duration::from_millis(100)).is_err());
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        drop(wr);
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let mut wr = File::from(wr);
+        std::io::Write::write_all(&mut wr, b"{\"ok\":true}\nrest").unwrap();
+        assert_eq!(
+            read_line_with_timeout(File::from(rd), Duration::from_secs(1))
+                .unwrap()
+                .as_deref(),
+            Some("{\"ok\":true}")
+        );
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        drop(wr);
+        assert_eq!(
+            read_line_with_timeout(File::from(rd), Duration::from_secs(1)).unwrap(),
+            None
+        );
+    }
+}
