@@ -49,6 +49,9 @@ fn c_const(inner: &str) -> String {
     }
 }
 
+/// A C type's name, its Rust size, and its fields' Rust offsets.
+type Layout = (&'static str, usize, &'static [(&'static str, usize)]);
+
 struct Decl {
     name: String,
     params: Vec<String>,
@@ -142,7 +145,7 @@ fn ffi_declarations_match_installed_headers() {
     for (name, value) in &consts {
         writeln!(c, "_Static_assert(({name}) == ({value}), \"{name}\");").unwrap();
     }
-    let layouts: &[(&str, usize, &[(&str, usize)])] = &[
+    let layouts: &[Layout] = &[
         (
             "rbd_image_spec_t",
             size_of::<ffi::rbd_image_spec_t>(),

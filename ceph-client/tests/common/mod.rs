@@ -118,10 +118,10 @@ impl Drop for ImageGuard {
         match Image::open(&self.io, &self.name, None) {
             Ok(img) => {
                 for snap in img.snap_list().unwrap_or_default() {
-                    if snap.namespace == SnapNamespace::User {
-                        if let Err(e) = img.snap_remove(&snap.name) {
-                            eprintln!("cleanup: {e}");
-                        }
+                    if snap.namespace == SnapNamespace::User
+                        && let Err(e) = img.snap_remove(&snap.name)
+                    {
+                        eprintln!("cleanup: {e}");
                     }
                 }
             }
