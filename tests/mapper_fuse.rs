@@ -1,0 +1,494 @@
+//! The fuse mapper for real: FUSE server process, loop device, ext4 on top.
+//! Needs root, /dev/fuse, /dev/loop-control and mkfs.ext4; the RBD tests
+//! also need the test cluster (scripts/ceph-dev).
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use docker_rbd::mapper::fuse::{FuseConfig, FuseHandle, FuseMapper, HelperCommand, loopdev};
+use docker_rbd::mapper::{CephConnection, Error, MapRequest, MappedDevice, MappingHandle};
+
+fn prerequisites(test: &str) -> bool {
+    use testkit::require::{check, path, root};
+    check(test, root())
+        && check(test, path("/dev/fuse"))
+        && check(test, path("/dev/loop-control"))
+        && check(test, which("mkfs.ext4"))
+}
+
+fn which(program: &str) -> Option<String> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    (!found).then(|| format!("{program} is not installed"))
+}
+
+/// A fuse mapper with its run directory in a temporary directory, and
+/// RAII cleanup of everything the test made, even when it fails.
+struct Fixture {
+    dir: tempfile::TempDir,
+    mapper: Option<FuseMapper>,
+    mounts: Vec<PathBuf>,
+}
+
+impl Fixture {
+    fn new(ceph: CephConnection) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("mapper-fuse-")
+            .tempdir()
+            .expect("tempdir");
+        let mapper = FuseMapper::new(Self::config(dir.path(), ceph)).expect("mapper");
+        Self {
+            dir,
+            mapper: Some(mapper),
+            mounts: Vec::new(),
+        }
+    }
+
+    fn config(dir: &Path, ceph: CephConnection) -> FuseConfig {
+        let mut config = FuseConfig::new(ceph);
+        config.run_dir = dir.join("run");
+        config.helper = HelperCommand::binary(env!("CARGO_BIN_EXE_docker-rbd-fuse"));
+        config.stop_timeout = Duration::from_secs(10);
+        config
+    }
+
+    fn mapper(&self) -> &FuseMapper {
+        self.mapper.as_ref().expect("mapper")
+    }
+
+    /// A sparse backing file of `size` bytes.
+    fn backing(&self, name: &str, size: u64) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let f = std::fs::File::create(&path).expect("create backing");
+        f.set_len(size).expect("size backing");
+        path
+    }
+
+    fn mount(&mut self, dev: &Path, name: &str, options: &str) -> PathBuf {
+        let target = self.dir.path().join(name);
+        std::fs::create_dir_all(&target).expect("mountpoint");
+        run(
+            "mount",
+            &[
+                "-t",
+                "ext4",
+                "-o",
+                options,
+                &dev.display().to_string(),
+                &target.display().to_string(),
+            ],
+        );
+        self.mounts.push(target.clone());
+        target
+    }
+
+    fn umount(&mut self, target: &Path) {
+        run("umount", &[&target.display().to_string()]);
+        self.mounts.retain(|m| m != target);
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for m in self.mounts.drain(..).rev() {
+            if nix::mount::umount(&m).is_err() {
+                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        if let Some(mapper) = self.mapper.take() {
+            for dev in mapper.list().unwrap_or_default() {
+                if let Err(e) = mapper.unmap(&dev) {
+                    eprintln!("cleanup: unmap {}: {e}", dev.device.display());
+                    force_cleanup(&dev);
+                }
+            }
+        }
+        // Whatever is left under our run directory (a failed map).
+        let run = self.dir.path().join("run");
+        for (n, _) in loopdev::backed_under(&run) {
+            let _ = loopdev::detach(n, Duration::from_secs(5));
+        }
+        for m in mounts_under(&run) {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn force_cleanup(dev: &MappedDevice) {
+    if let MappingHandle::Fuse(h) = &dev.handle {
+        let _ = loopdev::detach(h.loop_number, Duration::from_secs(5));
+        let _ = nix::mount::umount2(&h.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        if h.server_pid > 0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(h.server_pid),
+                nix::sys::signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fuse_handle(dev: &MappedDevice) -> &FuseHandle {
+    match &dev.handle {
+        MappingHandle::Fuse(h) => h,
+        other => panic!("not a fuse mapping: {other:?}"),
+    }
+}
+
+fn label(image: &str) -> MapRequest {
+    MapRequest::new("test", None, image)
+}
+
+/// A deterministic, position-dependent pattern.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn ext4_on_a_sparse_file_reaches_the_backend() {
+    if !prerequisites("ext4_on_a_sparse_file_reaches_the_backend") {
+        return;
+    }
+    let mut fx = Fixture::new(CephConnection::default());
+    let backing = fx.backing("disk.img", 256 << 20);
+    let dev = fx.mapper().map_file(&backing, &label("ext4")).expect("map");
+    assert!(
+        dev.device.to_string_lossy().starts_with("/dev/loop"),
+        "{}",
+        dev.device.display()
+    );
+    assert!(!dev.read_only);
+    let h = fuse_handle(&dev).clone();
+    assert_eq!(loopdev::backing_file(h.loop_number), Some(h.image_file()));
+    assert_eq!(
+        std::fs::metadata(h.image_file()).expect("stat image").len(),
+        256 << 20,
+        "the FUSE file has the backend's size"
+    );
+
+    run(
+        "mkfs.ext4",
+        &["-q", "-F", &dev.device.display().to_string()],
+    );
+    let mnt = fx.mount(&dev.device, "m", "rw");
+    let data = pattern(1, 3 << 20);
+    let path = mnt.join("payload");
+    {
+        let mut f = std::fs::File::create(&path).expect("create payload");
+        f.write_all(&data).expect("write payload");
+        f.sync_all().expect("fsync payload");
+    }
+    fx.umount(&mnt);
+
+    // Busy while mounted.
+    let mnt = fx.mount(&dev.device, "m", "ro");
+    match fx.mapper().unmap(&dev) {
+        Err(e @ Error::Busy { .. }) => assert_eq!(e.errno(), Some(libc::EBUSY)),
+        other => panic!("unmap of a mounted device: {other:?}"),
+    }
+    fx.umount(&mnt);
+    fx.mapper().unmap(&dev).expect("unmap");
+    assert_eq!(
+        loopdev::backing_file(h.loop_number),
+        None,
+        "loop device detached"
+    );
+    assert!(mounts_under(&h.state_dir).is_empty(), "FUSE mount gone");
+    assert!(!h.state_dir.exists(), "state directory removed");
+    assert!(fx.mapper().list().expect("list").is_empty());
+
+    // The bytes are in the backing file itself...
+    let raw = std::fs::read(&backing).expect("read backing");
+    assert!(
+        contains(&raw, &data[..4096]),
+        "payload start not found in the backing file"
+    );
+    assert!(
+        contains(&raw, &data[data.len() - 4096..]),
+        "payload end not found in the backing file"
+    );
+    // ...and a second mapping of it reads them back.
+    let dev = fx
+        .mapper()
+        .map_file(&backing, &label("ext4"))
+        .expect("map again");
+    let mnt = fx.mount(&dev.device, "m2", "ro,noload");
+    assert_eq!(std::fs::read(mnt.join("payload")).expect("read back"), data);
+    fx.umount(&mnt);
+    run("fsck.ext4", &["-fn", &dev.device.display().to_string()]);
+    fx.mapper().unmap(&dev).expect("unmap again");
+}
+
+#[test]
+fn read_only_mappings_refuse_writes() {
+    if !prerequisites("read_only_mappings_refuse_writes") {
+        return;
+    }
+    let fx = Fixture::new(CephConnection::default());
+    let backing = fx.backing("ro.img", 16 << 20);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&backing)
+        .and_then(|f| f.write_all_at(b"sealed layer", 4096))
+        .expect("seed backing");
+    let mut req = label("sealed");
+    req.read_only = true;
+    let dev = fx.mapper().map_file(&backing, &req).expect("map read-only");
+    assert!(dev.read_only);
+    let h = fuse_handle(&dev);
+    assert!(
+        loopdev::read_only(h.loop_number),
+        "loop device is read-only"
+    );
+
+    // Reads work.
+    let mut buf = [0u8; 12];
+    std::fs::File::open(&dev.device)
+        .and_then(|f| f.read_exact_at(&mut buf, 4096))
+        .expect("read");
+    assert_eq!(&buf, b"sealed layer");
+    // Writes through the block device fail.
+    let write = OpenOptions::new()
+        .write(true)
+        .open(&dev.device)
+        .and_then(|f| f.write_all_at(b"x", 0));
+    assert!(write.is_err(), "write to a read-only loop device succeeded");
+    // Writes to the FUSE file fail with EROFS.
+    let err = OpenOptions::new()
+        .write(true)
+        .open(h.image_file())
+        .expect_err("open image rw");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    fx.mapper().unmap(&dev).expect("unmap");
+    let raw = std::fs::read(&backing).expect("backing");
+    assert_eq!(&raw[4096..4108], b"sealed layer");
+}
+
+#[test]
+fn concurrent_direct_io_through_the_loop_device() {
+    if !prerequisites("concurrent_direct_io_through_the_loop_device") {
+        return;
+    }
+    let fx = Fixture::new(CephConnection::default());
+    let backing = fx.backing("conc.img", 64 << 20);
+    let dev = fx
+        .mapper()
+        .map_file(&backing, &label("concurrent"))
+        .expect("map");
+    const THREADS: u64 = 8;
+    const CHUNK: usize = 1 << 20;
+    const PER_THREAD: u64 = 4;
+    let device = Arc::new(dev.device.clone());
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let device = device.clone();
+            std::thread::spawn(move || {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(device.as_path())
+                    .expect("open O_DIRECT");
+                let mut aligned = AlignedBuf::new(CHUNK);
+                for i in 0..PER_THREAD {
+                    // Interleave threads: chunk index i * THREADS + t.
+                    let off = (i * THREADS + t) * CHUNK as u64;
+                    aligned.as_mut().copy_from_slice(&pattern(off, CHUNK));
+                    f.write_all_at(aligned.as_ref(), off).expect("write");
+                }
+                f.sync_all().expect("fsync");
+                for i in 0..PER_THREAD {
+                    let off = (i * THREADS + t) * CHUNK as u64;
+                    f.read_exact_at(aligned.as_mut(), off).expect("read");
+                    assert!(
+                        aligned.as_ref() == pattern(off, CHUNK).as_slice(),
+                        "mismatch at {off}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("worker panicked");
+    }
+    fx.mapper().unmap(&dev).expect("unmap");
+    let mut raw = std::fs::File::open(&backing).expect("open backing");
+    let mut buf = vec![0u8; CHUNK];
+    for idx in 0..THREADS * PER_THREAD {
+        let off = idx * CHUNK as u64;
+        raw.seek(SeekFrom::Start(off)).expect("seek");
+        raw.read_exact(&mut buf).expect("read backing");
+        assert!(buf == pattern(off, CHUNK), "backing file differs at {off}");
+    }
+}
+
+/// A page-aligned buffer for O_DIRECT.
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
+        // SAFETY: non-zero size layout.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "allocation failed");
+        Self { ptr, len }
+    }
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live allocation of `len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) };
+    }
+}
+
+#[test]
+fn a_restarted_daemon_adopts_and_a_dead_server_is_cleaned_up() {
+    if !prerequisites("a_restarted_daemon_adopts_and_a_dead_server_is_cleaned_up") {
+        return;
+    }
+    let mut fx = Fixture::new(CephConnection::default());
+    let backing = fx.backing("adopt.img", 32 << 20);
+    let dev = fx
+        .mapper()
+        .map_file(&backing, &label("adopt"))
+        .expect("map");
+    let h = fuse_handle(&dev).clone();
+    // Mapping the same image twice is refused.
+    match fx.mapper().map_file(&backing, &label("adopt")) {
+        Err(Error::AlreadyMapped { device, .. }) => assert_eq!(device, dev.device),
+        other => panic!("second map: {other:?}"),
+    }
+
+    // "Restart": a new mapper over the same run directory.
+    let config = fx.mapper().config().clone();
+    fx.mapper = Some(FuseMapper::new(config.clone()).expect("new mapper"));
+    let listed = fx.mapper().list().expect("list");
+    assert_eq!(listed, vec![dev.clone()]);
+    let adopted = fx.mapper().adopt(&dev).expect("adopt");
+    assert_eq!(adopted.device, dev.device);
+    // Still serving I/O.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev.device)
+        .expect("open device");
+    f.write_all_at(b"after restart", 0).expect("write");
+    f.sync_all().expect("fsync");
+    drop(f);
+
+    // The server dies: the mapping is stale, and unmap cleans it up.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(h.server_pid),
+        nix::sys::signal::SIGKILL,
+    )
+    .expect("kill server");
+    let mut gone = false;
+    for _ in 0..200 {
+        if !Path::new(&format!("/proc/{}", h.server_pid)).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", h.server_pid))
+                .map(|s| s.contains(") Z"))
+                .unwrap_or(true)
+        {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(gone, "server did not die");
+    match fx.mapper().adopt(&dev) {
+        Err(e @ Error::Stale { .. }) => assert!(e.to_string().contains("FUSE server"), "{e}"),
+        other => panic!("adopt after server death: {other:?}"),
+    }
+    fx.mapper().unmap(&dev).expect("unmap a dead mapping");
+    assert_eq!(loopdev::backing_file(h.loop_number), None);
+    assert!(mounts_under(&h.state_dir).is_empty());
+    let raw = std::fs::read(&backing).expect("backing");
+    assert_eq!(&raw[..13], b"after restart");
+    fx.mounts.clear();
+}
+
+#[test]
+fn a_failing_server_start_reports_why_and_leaves_nothing() {
+    if !prerequisites("a_failing_server_start_reports_why_and_leaves_nothing") {
+        return;
+    }
+    let fx = Fixture::new(CephConnection::default());
+    let missing = fx.dir.path().join("missing.img");
+    std::fs::write(&missing, b"").expect("touch");
+    std::fs::remove_file(&missing).expect("rm");
+    let err = fx
+        .mapper()
+        .map_file(&fx.backing("x.img", 1 << 20), &label("ok"))
+        .and_then(|d| {
+            fx.mapper().unmap(&d)?;
+            // A path that canonicalises but the server cannot open: a directory.
+            fx.mapper().map_file(fx.dir.path(), &label("dir"))
+        });
+    match err {
+        Err(e @ Error::HelperStart { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("did not start"), "{text}");
+        }
+        other => panic!("map of a directory: {other:?}"),
+    }
+    let run = fx.mapper().config().run_dir.clone();
+    assert!(loopdev::backed_under(&run).is_empty());
+    assert!(mounts_under(&run).is_empty());
+    assert_eq!(
+        std::fs::read_dir(&run).expect("run dir").count(),
+        0,
+        "state directory left behind"
+    );
+}
