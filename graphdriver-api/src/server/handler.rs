@@ -12,7 +12,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request as HttpRequest, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::io::{StreamReader, SyncIoBridge};
@@ -69,6 +69,8 @@ pub(crate) enum RequestError {
     Driver { message: String },
     #[error("the driver panicked in {endpoint}: {message}")]
     Panic { endpoint: Endpoint, message: String },
+    #[error("the server panicked handling the request: {message}")]
+    ServerPanic { message: String },
     #[error("the {endpoint} driver task failed")]
     Task {
         endpoint: Endpoint,
@@ -116,6 +118,9 @@ impl RequestError {
             RequestError::BodyRead { .. } => (StatusCode::BAD_REQUEST, Outcome::Client),
             RequestError::Driver { .. } => (StatusCode::INTERNAL_SERVER_ERROR, Outcome::Driver),
             RequestError::Panic { .. } => (StatusCode::INTERNAL_SERVER_ERROR, Outcome::Internal),
+            RequestError::ServerPanic { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, Outcome::Internal)
+            }
             RequestError::Task { .. } => (StatusCode::INTERNAL_SERVER_ERROR, Outcome::Internal),
             RequestError::Reply { .. } => (StatusCode::INTERNAL_SERVER_ERROR, Outcome::Internal),
         }
@@ -208,7 +213,15 @@ pub(crate) async fn handle<D: GraphDriver>(
     );
     async move {
         let uri = &parts.uri;
-        let result = serve_request(driver, &parts.method, uri.path(), uri.query(), body).await;
+        let served = serve_request(driver, &parts.method, uri.path(), uri.query(), body);
+        // Driver calls catch their own panics; this catches the server's, so
+        // that even a bug here answers instead of dropping the connection.
+        let result = match AssertUnwindSafe(served).catch_unwind().await {
+            Ok(result) => result,
+            Err(payload) => Err(RequestError::ServerPanic {
+                message: panic_message(payload.as_ref()),
+            }),
+        };
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         match result {
             Ok(response) => {

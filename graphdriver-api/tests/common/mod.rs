@@ -611,6 +611,11 @@ impl Conn {
         stream.flush().await
     }
 
+    /// The underlying buffered stream, for tests that read raw bytes.
+    pub fn raw(&mut self) -> &mut BufReader<UnixStream> {
+        &mut self.stream
+    }
+
     /// Shuts down the write half, as a client that sent everything.
     pub async fn shutdown_write(&mut self) -> io::Result<()> {
         self.stream.get_mut().shutdown().await
