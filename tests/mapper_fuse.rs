@@ -492,3 +492,254 @@ fn a_failing_server_start_reports_why_and_leaves_nothing() {
         "state directory left behind"
     );
 }
+
+// --- against a real RBD image -------------------------------------------------
+
+/// An RBD image in a fresh namespace, removed (with the namespace) on drop.
+struct RbdImage {
+    env: testkit::ceph::CephEnv,
+    namespace: String,
+    ioctx: ceph_client::IoCtx,
+    pool_ioctx: ceph_client::IoCtx,
+    image: String,
+}
+
+impl RbdImage {
+    fn create(test: &str, size: u64) -> Option<Self> {
+        let env = testkit::ceph::require(test)?;
+        let rados = ceph_client::Rados::connect(&ceph_client::ConnectConfig {
+            conf: Some(env.conf.clone()),
+            id: Some(env.id.clone()),
+            keyring: Some(env.keyring.clone()),
+            ..Default::default()
+        })
+        .expect("connect");
+        let namespace = testkit::ceph::unique_namespace(test);
+        let pool_ioctx = rados.ioctx(&env.pool, None).expect("pool ioctx");
+        ceph_client::rbd::namespace_create(&pool_ioctx, &namespace).expect("namespace");
+        let ioctx = rados.ioctx(&env.pool, Some(&namespace)).expect("ioctx");
+        let opts = ceph_client::rbd::ImageOptions {
+            // layering | exclusive-lock
+            features: Some(1 | 4),
+            order: None,
+        };
+        ceph_client::rbd::create(&ioctx, "img", size, &opts).expect("create image");
+        Some(Self {
+            env,
+            namespace,
+            ioctx,
+            pool_ioctx,
+            image: "img".into(),
+        })
+    }
+
+    fn connection(&self) -> CephConnection {
+        CephConnection {
+            conf: Some(self.env.conf.clone()),
+            id: Some(self.env.id.clone()),
+            keyring: Some(self.env.keyring.clone()),
+            cluster: None,
+        }
+    }
+
+    fn request(&self) -> MapRequest {
+        MapRequest::new(
+            self.env.pool.clone(),
+            Some(self.namespace.clone()),
+            self.image.clone(),
+        )
+    }
+
+    fn open(&self) -> ceph_client::rbd::Image {
+        ceph_client::rbd::Image::open(&self.ioctx, &self.image, None).expect("open image")
+    }
+}
+
+impl Drop for RbdImage {
+    fn drop(&mut self) {
+        if let Ok(img) = ceph_client::rbd::Image::open(&self.ioctx, &self.image, None) {
+            for snap in img.snap_list().unwrap_or_default() {
+                let _ = img.snap_remove(&snap.name);
+            }
+        }
+        if let Err(e) = ceph_client::rbd::remove(&self.ioctx, &self.image) {
+            eprintln!("cleanup: remove image: {e}");
+        }
+        if let Err(e) = ceph_client::rbd::namespace_remove(&self.pool_ioctx, &self.namespace) {
+            eprintln!("cleanup: remove namespace: {e}");
+        }
+    }
+}
+
+#[test]
+fn rbd_image_through_fuse_and_loop() {
+    let test = "rbd_image_through_fuse_and_loop";
+    if !prerequisites(test) {
+        return;
+    }
+    let Some(img) = RbdImage::create(test, 128 << 20) else {
+        return;
+    };
+    let mut fx = Fixture::new(img.connection());
+    let dev = fx.mapper().map(&img.request()).expect("map rbd image");
+    assert!(!dev.read_only);
+    assert_eq!(dev.spec, img.request().spec());
+
+    // Raw writes at known offsets, read back through librbd directly.
+    let data = pattern(7, 1 << 20);
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&dev.device)
+            .expect("open device");
+        let mut buf = AlignedBuf::new(data.len());
+        buf.as_mut().copy_from_slice(&data);
+        f.write_all_at(buf.as_ref(), 100 << 20).expect("write");
+        f.sync_all().expect("fsync");
+    }
+    let direct = img.open();
+    let mut back = vec![0u8; data.len()];
+    direct
+        .read_exact_at(100 << 20, &mut back)
+        .expect("librbd read");
+    assert!(
+        back == data,
+        "librbd does not see what the loop device wrote"
+    );
+    drop(direct);
+
+    // Discard through the loop device zeroes in RBD.
+    run(
+        "blkdiscard",
+        &[
+            "-o",
+            &(100u64 << 20).to_string(),
+            "-l",
+            "65536",
+            &dev.device.display().to_string(),
+        ],
+    );
+    let direct = img.open();
+    let mut back = vec![1u8; 65536 + 4096];
+    direct
+        .read_exact_at(100 << 20, &mut back)
+        .expect("librbd read");
+    assert!(
+        back[..65536].iter().all(|&b| b == 0),
+        "discarded range does not read as zeros"
+    );
+    assert_eq!(&back[65536..], &data[65536..65536 + 4096]);
+    drop(direct);
+
+    // A file system on it.
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-E",
+            "nodiscard",
+            &dev.device.display().to_string(),
+        ],
+    );
+    let mnt = fx.mount(&dev.device, "m", "rw");
+    let payload = pattern(9, 2 << 20);
+    {
+        let mut f = std::fs::File::create(mnt.join("payload")).expect("create");
+        f.write_all(&payload).expect("write");
+        f.sync_all().expect("fsync");
+    }
+    fx.umount(&mnt);
+    fx.mapper().unmap(&dev).expect("unmap");
+
+    let direct =
+        ceph_client::rbd::Image::open_read_only(&img.ioctx, &img.image, None).expect("open ro");
+    let mut whole = vec![0u8; 128 << 20];
+    direct.read_exact_at(0, &mut whole).expect("read image");
+    assert!(
+        contains(&whole, &payload[..4096]),
+        "ext4 payload is not in the RBD image"
+    );
+    drop(direct);
+}
+
+#[test]
+fn rbd_snapshots_map_read_only_and_exclusive_maps_fence_other_writers() {
+    let test = "rbd_snapshots_map_read_only_and_exclusive_maps_fence_other_writers";
+    if !prerequisites(test) {
+        return;
+    }
+    let Some(img) = RbdImage::create(test, 32 << 20) else {
+        return;
+    };
+    let fx = Fixture::new(img.connection());
+    {
+        let direct = img.open();
+        direct
+            .write_all_at(0, b"before the snapshot")
+            .expect("write");
+        direct.flush().expect("flush");
+        direct.snap_create("sealed").expect("snapshot");
+        direct
+            .write_all_at(0, b"AFTER  the snapshot")
+            .expect("write");
+        direct.flush().expect("flush");
+    }
+
+    let mut req = img.request();
+    req.snap = Some("sealed".into());
+    let snap_dev = fx.mapper().map(&req).expect("map snapshot");
+    assert!(snap_dev.read_only, "a snapshot maps read-only");
+    let mut buf = [0u8; 19];
+    std::fs::File::open(&snap_dev.device)
+        .and_then(|f| f.read_exact_at(&mut buf, 0))
+        .expect("read snapshot");
+    assert_eq!(&buf, b"before the snapshot");
+    let err = OpenOptions::new()
+        .write(true)
+        .open(fuse_handle(&snap_dev).image_file())
+        .expect_err("rw open");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+
+    let mut req = img.request();
+    req.exclusive = true;
+    let dev = fx.mapper().map(&req).expect("map exclusive");
+    std::fs::File::open(&dev.device)
+        .and_then(|f| f.read_exact_at(&mut buf, 0))
+        .expect("read head");
+    assert_eq!(&buf, b"AFTER  the snapshot");
+    let other = img.open();
+    let err = other
+        .write_at(0, b"intruder")
+        .expect_err("write while another client holds the lock");
+    assert_eq!(err.errno(), Some(libc::EROFS), "{err}");
+    drop(other);
+    fx.mapper().unmap(&dev).expect("unmap head");
+    fx.mapper().unmap(&snap_dev).expect("unmap snapshot");
+    // Once unmapped, the lock is released.
+    img.open()
+        .write_all_at(0, b"free again")
+        .expect("write after unmap");
+}
+
+#[test]
+fn mapping_a_missing_rbd_image_fails_with_enoent() {
+    let test = "mapping_a_missing_rbd_image_fails_with_enoent";
+    if !prerequisites(test) {
+        return;
+    }
+    let Some(img) = RbdImage::create(test, 1 << 20) else {
+        return;
+    };
+    let fx = Fixture::new(img.connection());
+    let mut req = img.request();
+    req.image = "no-such-image".into();
+    match fx.mapper().map(&req) {
+        Err(e @ Error::HelperStart { .. }) => assert_eq!(e.errno(), Some(libc::ENOENT), "{e}"),
+        other => panic!("map of a missing image: {other:?}"),
+    }
+    let run = fx.mapper().config().run_dir.clone();
+    assert_eq!(std::fs::read_dir(&run).expect("run dir").count(), 0);
+}
