@@ -10,7 +10,7 @@ use libc::{c_char, c_int, size_t};
 
 use crate::error::{Error, Result, Target, check};
 use crate::ffi;
-use crate::rados::Cluster;
+use crate::rados::{Cluster, single_addr};
 use crate::util::{cstr, split_nul, until_nul};
 use crate::write_op::WriteOp;
 
@@ -88,7 +88,8 @@ pub struct Locker {
     pub client: String,
     /// The cookie it locked with.
     pub cookie: String,
-    /// Its address, e.g. `127.0.0.1:0/3141592` (for blocklisting).
+    /// Its address without protocol prefix, e.g. `127.0.0.1:0/3141592`,
+    /// as [`crate::Rados::client_addr`] gives it (for blocklisting).
     pub addr: String,
 }
 
@@ -540,7 +541,7 @@ impl IoCtx {
                 .map(|i| Locker {
                     client: clients.get(i).cloned().unwrap_or_default(),
                     cookie: cookies.get(i).cloned().unwrap_or_default(),
-                    addr: addrs.get(i).cloned().unwrap_or_default(),
+                    addr: addrs.get(i).map(|a| single_addr(a)).unwrap_or_default(),
                 })
                 .collect();
             return Ok(Lockers {

@@ -302,10 +302,12 @@ unsafe fn take_buffer(buf: *mut libc::c_char, len: libc::size_t) -> String {
     s
 }
 
-/// `rados_getaddrs` prints an address vector (`[v2:a/n,v1:b/n]`) when the
-/// session has several; blocklisting wants one. Takes the first, without
-/// its protocol prefix (blocklist entries match any protocol).
-fn single_addr(addrs: &str) -> String {
+/// Normalises a client address: `rados_getaddrs` prints an address vector
+/// (`[v2:a/n,v1:b/n]`) when the session has several, cls_lock reports
+/// `v1:a/n`; blocklisting wants one address and matches any protocol. Takes
+/// the first, without its protocol prefix, so addresses from different
+/// sources compare equal.
+pub(crate) fn single_addr(addrs: &str) -> String {
     let inner = addrs.trim().trim_start_matches('[').trim_end_matches(']');
     let first = inner.split(',').next().unwrap_or(inner);
     let first = first
