@@ -29,7 +29,10 @@ struct Plugin {
 
 impl Plugin {
     fn start(name: &str) -> Plugin {
-        let mut config = ServerConfig::for_plugin(name);
+        Plugin::start_at(ServerConfig::for_plugin(name))
+    }
+
+    fn start_at(mut config: ServerConfig) -> Plugin {
         config.shutdown_grace = Some(Duration::from_secs(10));
         let socket = config.socket.clone();
         let driver = Arc::new(DirDriver::default());
@@ -313,6 +316,55 @@ fn dockerd_drives_the_dir_driver() {
         "{} left behind",
         plugin.socket.display()
     );
+}
+
+/// dockerd in a host finds the plugin through a spec file in the host's
+/// `/etc/docker/plugins`, pointing at a socket outside `/run/docker/plugins`.
+#[test]
+fn dir_driver_found_through_a_spec_file_in_a_host() {
+    if !testkit::dockerd::require("dir_driver_found_through_a_spec_file_in_a_host") {
+        return;
+    }
+    let scratch = testkit::scratch_dir("dirdrv-spec").unwrap();
+    let rootfs = scratch.path().join("rootfs.tar");
+    images::write_busybox_rootfs_tar(&rootfs).unwrap();
+    let socket = scratch.path().join("plugin.sock");
+    let mut plugin = Plugin::start_at(ServerConfig::at(&socket));
+    let host = testkit::host::Host::new("spec").unwrap();
+    let name = testkit::unique_name("dirspec");
+    let mut cfg = DockerdConfig::new(&name).in_host(&host);
+    cfg.plugin_specs
+        .push((name.clone(), format!("unix://{}", socket.display())));
+    let d = Dockerd::start(cfg).unwrap();
+    assert!(
+        host.path(format!("/etc/docker/plugins/{name}.spec"))
+            .exists()
+    );
+    assert!(!std::path::Path::new(&format!("/etc/docker/plugins/{name}.spec")).exists());
+    d.docker_ok([
+        "import".as_ref(),
+        rootfs.as_os_str(),
+        "spec-busybox:1".as_ref(),
+    ]);
+    let out = d.docker_ok([
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "spec-busybox:1",
+        "cat",
+        "/etc/group",
+    ]);
+    assert!(out.starts_with("root:x:0:"), "{out}");
+    d.docker_ok(["rmi", "spec-busybox:1"]);
+    let left = std::fs::read_dir(d.driver_home().join("layers"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0);
+    d.shutdown().unwrap();
+    assert_eq!(host.processes(), Vec::<i32>::new());
+    plugin.stop().unwrap();
+    assert!(!socket.exists());
 }
 
 /// Entry names of the top layer of a `docker save` tarball, sorted.
