@@ -5,6 +5,18 @@
 //! [`GraphDriver`], and on shutdown finishes in-flight requests and removes
 //! the socket. [`router`] is the same service without a socket, for tests.
 //!
+//! ```no_run
+//! use std::sync::Arc;
+//!
+//! use graphdriver_api::{GraphDriver, ServerConfig, ServerError, serve, shutdown_signal};
+//!
+//! async fn run(driver: impl GraphDriver) -> Result<(), ServerError> {
+//!     // /run/docker/plugins/rbd.sock, mode 0600, for `dockerd -s rbd`.
+//!     let config = ServerConfig::for_plugin("rbd");
+//!     serve(Arc::new(driver), config, shutdown_signal()?).await
+//! }
+//! ```
+//!
 //! How requests are handled, as dockerd 20.10 needs them:
 //!
 //! - Every call is `POST /<Method>`. The path alone picks the endpoint
