@@ -158,6 +158,12 @@ impl IoCtx {
         &self.inner.cluster
     }
 
+    /// The cluster connection this ioctx belongs to (shared, not a new
+    /// connection), e.g. for [`crate::Rados::instance_id`] or blocklisting.
+    pub fn rados(&self) -> crate::Rados {
+        crate::Rados::from_cluster(self.inner.cluster.clone())
+    }
+
     /// The pool name.
     pub fn pool_name(&self) -> &str {
         &self.inner.pool

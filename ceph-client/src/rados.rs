@@ -173,6 +173,10 @@ impl Rados {
         })
     }
 
+    pub(crate) fn from_cluster(cluster: Arc<Cluster>) -> Rados {
+        Rados { cluster }
+    }
+
     /// An I/O context on `pool`, in RADOS namespace `namespace` (`None` or
     /// `Some("")`: the default namespace). `ENOENT` if the pool does not exist.
     pub fn ioctx(&self, pool: &str, namespace: Option<&str>) -> Result<IoCtx> {

@@ -1,6 +1,10 @@
-//! librbd: image lifecycle (create, clone v2, list, remove) and open images
-//! (I/O, snapshots, parents and children, flatten, the managed exclusive
-//! lock, per-image metadata, diffs).
+//! librbd: image lifecycle (create, clone v2, list, remove), RBD
+//! namespaces, and open images (I/O, snapshots, parents and children,
+//! flatten, the managed exclusive lock, per-image metadata, diffs).
+//!
+//! Images live in the pool and RADOS namespace of the [`IoCtx`] passed in.
+//! librbd creates images only in the default namespace or in one created
+//! with [`namespace_create`] (`ENOENT` otherwise).
 
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -796,9 +800,8 @@ impl Image {
         Ok(Some(spec))
     }
 
-    /// The clones of the snapshot this image is opened at (open with
-    /// `snap: Some(..)`; on the head this lists nothing useful or fails
-    /// with `ENOENT`).
+    /// The clones of the snapshot this image is opened at, or, on the
+    /// head, of all its snapshots.
     pub fn children(&self) -> Result<Vec<ChildSpec>> {
         const OP: &str = "rbd_list_children3";
         let mut cap: usize = 8;

@@ -360,6 +360,7 @@ fn clones_of_an_ioctx_share_it_and_outlive_the_rados_value() {
     let _g = ObjectGuard::new(&t.io, "shared");
     let (rados, io) = t.second_client();
     let io2 = io.clone();
+    assert_eq!(io2.rados().instance_id(), rados.instance_id());
     drop(rados);
     drop(io);
     io2.write_full("shared", b"still connected").unwrap();

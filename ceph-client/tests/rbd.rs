@@ -288,6 +288,10 @@ fn children_erange_retry() {
         .collect();
     assert_eq!(got, names.iter().cloned().collect());
     drop(at_snap);
+    // On the head, children of every snapshot are listed.
+    let head = Image::open_read_only(&t.io, "p", None).unwrap();
+    assert_eq!(head.children().unwrap().len(), names.len());
+    drop(head);
     guards.clear();
     let at_snap = Image::open_read_only(&t.io, "p", Some("s")).unwrap();
     assert!(at_snap.children().unwrap().is_empty());
