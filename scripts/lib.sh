@@ -35,6 +35,46 @@ now_s() { date +%s; }
 CLUSTER_DIR=
 KEEP_CLUSTER_DIR=0
 
+# Every process started after `cluster_start` carries this variable in its
+# environment (cargo, the tests, the dockerds and plugins they start), so
+# whatever such a process leaves running can be found and stopped; processes
+# of other runs or other people are never touched.
+RUN_MARKER=
+
+# run_pids: pids of live processes carrying RUN_MARKER, except this shell.
+run_pids() {
+    [[ -n $RUN_MARKER ]] || return 0
+    local f pid
+    # -z: environ entries end in NUL; one grep reads all of /proc.
+    while IFS= read -r f; do
+        pid=${f#/proc/}
+        pid=${pid%/environ}
+        [[ $pid == "$$" || $pid == "$BASHPID" ]] && continue
+        if [[ -e /proc/$pid ]]; then printf '%s\n' "$pid"; fi
+    done < <(grep -lzxF -- "$RUN_MARKER" /proc/[0-9]*/environ 2>/dev/null || true)
+}
+
+# reap_leftovers: stops (TERM, then KILL after 10 s) what this run's commands
+# left running, says what it was, and returns 1 if there was anything.
+reap_leftovers() {
+    local pids i
+    pids=$(run_pids)
+    [[ -n $pids ]] || return 0
+    warn "processes left running by this run (stopping them):"
+    # shellcheck disable=SC2086 # one pid per word
+    ps -o pid=,args= -p ${pids//$'\n'/,} 2>/dev/null | cut -c1-160 | sed 's/^/    /' >&2 || true
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        pids=$(run_pids)
+        [[ -n $pids ]] || return 1
+        sleep 0.1
+    done
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+    return 1
+}
+
 cluster_stop() {
     if [[ -n $CLUSTER_DIR && -d $CLUSTER_DIR ]]; then
         "$SCRIPTS_DIR/ceph-dev" stop "$CLUSTER_DIR" || warn "stopping the cluster in $CLUSTER_DIR failed"
@@ -51,6 +91,7 @@ cluster_stop() {
 on_exit() {
     local rc=$?
     trap - EXIT INT TERM
+    reap_leftovers || true
     cluster_stop
     exit "$rc"
 }
@@ -61,6 +102,7 @@ on_signal() {
     if declare -F stop_children >/dev/null; then
         stop_children
     fi
+    reap_leftovers || true
     cluster_stop
     exit "$code"
 }
@@ -77,4 +119,6 @@ cluster_start() {
     fi
     # shellcheck source=/dev/null
     source "$CLUSTER_DIR/env"
+    RUN_MARKER=DOCKER_RBD_SCRIPTS_RUN=$CLUSTER_DIR
+    export "${RUN_MARKER?}"
 }
