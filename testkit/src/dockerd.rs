@@ -45,6 +45,10 @@ use serde_json::{Map, Value};
 use crate::host::Host;
 use crate::{mounts, process};
 
+/// In an instance's directory: `"<pid> <start time>"` of the test process
+/// that owns it ([`sweep_orphans`]).
+const OWNER_FILE: &str = "owner";
+
 /// The docker CLI the tests use: Debian's 20.10, matching the daemon
 /// (`/usr/local/bin/docker`, first on PATH, is 28.x).
 pub const DOCKER_CLI: &str = "/usr/bin/docker";
@@ -174,6 +178,9 @@ impl Dockerd {
     /// configured storage driver. On failure everything is cleaned up and
     /// the error includes dockerd's log.
     pub fn start(cfg: DockerdConfig) -> Result<Dockerd, String> {
+        for e in sweep_orphans() {
+            eprintln!("testkit dockerd: {e}");
+        }
         let root = crate::scratch_root()?;
         let prefix: String = cfg
             .name
@@ -212,6 +219,10 @@ impl Dockerd {
     }
 
     fn prepare(&mut self) -> Result<(), String> {
+        let me = std::process::id() as i32;
+        let token = process_token(me).ok_or("cannot read this process's start time")?;
+        std::fs::write(self.dir.join(OWNER_FILE), token)
+            .map_err(|e| format!("write owner: {e}"))?;
         for sub in ["data", "exec", "cli"] {
             std::fs::create_dir_all(self.dir.join(sub)).map_err(|e| format!("mkdir: {e}"))?;
         }
@@ -362,8 +373,7 @@ impl Dockerd {
     /// Whether `pid` is live and was started for this instance (its command
     /// line names our exec root), so it may be signalled.
     fn is_ours(&self, pid: i32) -> bool {
-        let exec = self.exec_root().display().to_string();
-        process::is_live(pid) && process::cmdline(pid).is_some_and(|c| c.contains(&exec))
+        started_for(&self.dir, pid)
     }
 
     /// The scratch directory holding everything of this instance.
@@ -656,56 +666,14 @@ impl Dockerd {
                 errors.push(format!("dockerd: {e}"));
             }
         }
-        if let Some(pid) = self.containerd_pid.take().filter(|&p| self.is_ours(p)) {
-            let grace = if graceful {
-                Duration::from_secs(10)
-            } else {
-                Duration::ZERO
-            };
-            if let Err(e) = process::terminate(pid, grace) {
-                errors.push(format!("containerd: {e}"));
-            }
-        }
-        // Shims (and anything else started with our containerd's address).
-        let address = self
-            .exec_root()
-            .join("containerd/containerd.sock")
-            .display()
-            .to_string();
-        for pid in process::live_pids_with_cmdline(&address) {
-            let grace = if graceful {
-                Duration::from_secs(5)
-            } else {
-                Duration::ZERO
-            };
-            if let Err(e) = process::terminate(pid, grace) {
-                errors.push(format!("shim: {e}"));
-            }
-        }
-        // Container processes left in our cgroup parent.
-        for dir in cgroup_dirs(&self.cgroup_parent) {
-            for pid in cgroup_procs(&dir) {
-                if let Err(e) = process::terminate(pid, Duration::ZERO) {
-                    errors.push(format!("container process: {e}"));
-                }
-            }
-        }
-        if let Some(h) = &self.cfg.host
-            && let Err(e) = mounts::unmount_under(Some(h), &self.dir)
-        {
-            errors.push(e);
-        }
-        if let Err(e) = mounts::unmount_under(None, &self.dir) {
-            errors.push(e);
-        }
-        for pidfile in [
-            self.pidfile(),
-            self.exec_root().join("containerd/containerd.pid"),
-        ] {
-            if let Err(e) = process::remove_stale_pidfile(&pidfile) {
-                errors.push(e);
-            }
-        }
+        let containerd = self.containerd_pid.take();
+        errors.extend(reap(
+            &self.dir,
+            containerd,
+            &self.cgroup_parent,
+            self.cfg.host.as_ref(),
+            graceful,
+        ));
         errors
     }
 
@@ -748,6 +716,140 @@ impl Drop for Dockerd {
             eprintln!("testkit dockerd {}: cleanup: {e}", self.dir.display());
         }
     }
+}
+
+/// Whether `pid` is live and was started for the instance in `dir` (its
+/// command line names the instance's exec root), so it may be signalled.
+fn started_for(dir: &Path, pid: i32) -> bool {
+    let exec = dir.join("exec").display().to_string();
+    process::is_live(pid) && process::cmdline(pid).is_some_and(|c| c.contains(&exec))
+}
+
+/// Ends what the instance in `dir` started besides dockerd's own child
+/// handle: a dockerd named by its pidfile (an orphan's), its containerd
+/// (`containerd`, else the pidfile), the shims, container processes in its
+/// cgroup parent; then unmounts everything under `dir` in `host`'s
+/// namespace and ours and removes pidfiles of dead processes.
+fn reap(
+    dir: &Path,
+    containerd: Option<i32>,
+    cgroup_parent: &str,
+    host: Option<&Host>,
+    graceful: bool,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    let grace = |secs| {
+        if graceful {
+            Duration::from_secs(secs)
+        } else {
+            Duration::ZERO
+        }
+    };
+    let exec = dir.join("exec");
+    let containerd_pidfile = exec.join("containerd/containerd.pid");
+    if let Some(pid) =
+        process::read_pidfile(&dir.join("docker.pid")).filter(|&p| started_for(dir, p))
+        && let Err(e) = process::terminate(pid, grace(30))
+    {
+        errors.push(format!("dockerd: {e}"));
+    }
+    let containerd = containerd.or_else(|| process::read_pidfile(&containerd_pidfile));
+    if let Some(pid) = containerd.filter(|&p| started_for(dir, p))
+        && let Err(e) = process::terminate(pid, grace(10))
+    {
+        errors.push(format!("containerd: {e}"));
+    }
+    // Shims (and anything else started with our containerd's address).
+    let address = exec
+        .join("containerd/containerd.sock")
+        .display()
+        .to_string();
+    for pid in process::live_pids_with_cmdline(&address) {
+        if let Err(e) = process::terminate(pid, grace(5)) {
+            errors.push(format!("shim: {e}"));
+        }
+    }
+    // Container processes left in our cgroup parent.
+    for cg in cgroup_dirs(cgroup_parent) {
+        for pid in cgroup_procs(&cg) {
+            if let Err(e) = process::terminate(pid, Duration::ZERO) {
+                errors.push(format!("container process: {e}"));
+            }
+        }
+    }
+    if let Some(h) = host
+        && let Err(e) = mounts::unmount_under(Some(h), dir)
+    {
+        errors.push(e);
+    }
+    if let Err(e) = mounts::unmount_under(None, dir) {
+        errors.push(e);
+    }
+    for pidfile in [dir.join("docker.pid"), containerd_pidfile] {
+        if let Err(e) = process::remove_stale_pidfile(&pidfile) {
+            errors.push(e);
+        }
+    }
+    errors
+}
+
+/// `"<pid> <start time>"` of a live process: names it across pid reuse.
+fn process_token(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let start = stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(19)?
+        .to_string();
+    process::is_live(pid).then(|| format!("{pid} {start}"))
+}
+
+/// Cleans up after test processes that died without dropping their
+/// [`Dockerd`] (a test run killed by SIGKILL): for every instance directory
+/// under [`crate::scratch_root`] whose owning test process is gone, ends its
+/// dockerd, containerd, shims and container processes (each checked to have
+/// been started for that directory), unmounts what it left, removes its
+/// cgroups and the directory. [`Dockerd::start`] calls it; returns what could
+/// not be cleaned.
+pub fn sweep_orphans() -> Vec<String> {
+    let Ok(root) = crate::scratch_root() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Vec::new();
+    };
+    let mut errors = Vec::new();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Ok(owner) = std::fs::read_to_string(dir.join(OWNER_FILE)) else {
+            continue;
+        };
+        let owner = owner.trim();
+        let pid = owner.split(' ').next().and_then(|p| p.parse::<i32>().ok());
+        if pid.and_then(process_token).as_deref() == Some(owner) {
+            continue;
+        }
+        let base = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let cgroup_parent = format!("/docker-rbd-testkit-{base}");
+        let mut errs = reap(&dir, None, &cgroup_parent, None, false);
+        for cg in cgroup_dirs(&cgroup_parent) {
+            if let Err(e) = remove_cgroup_tree(&cg) {
+                errs.push(e);
+            }
+        }
+        if errs.is_empty()
+            && let Err(e) = remove_tree(&dir)
+        {
+            errs.push(e);
+        }
+        errors.extend(
+            errs.into_iter()
+                .map(|e| format!("orphan {}: {e}", dir.display())),
+        );
+    }
+    errors
 }
 
 /// Removes a directory tree, first clearing the immutable and append-only

@@ -392,3 +392,65 @@ fn panicking_test_still_stops_dockerd() {
     assert_eq!(pids.len(), 2);
     assert_nothing_left(&dir, &pids);
 }
+
+/// Run by `orphans_of_a_killed_test_process_are_swept` in a child process:
+/// starts a dockerd, reports it, and waits to be killed.
+#[test]
+fn orphan_helper() {
+    let Some(out) = std::env::var_os("TESTKIT_ORPHAN_HELPER_OUT") else {
+        return;
+    };
+    let d = Dockerd::start(vfs("tk-orphan")).unwrap();
+    d.docker_ok(["info"]);
+    let report = format!(
+        "{}\n{}\n{}\n",
+        d.dir().display(),
+        d.pid().unwrap(),
+        d.containerd_pid().unwrap()
+    );
+    std::fs::write(&out, report).unwrap();
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+fn orphans_of_a_killed_test_process_are_swept() {
+    if !testkit::dockerd::require("orphans_of_a_killed_test_process_are_swept") {
+        return;
+    }
+    let scratch = testkit::scratch_dir("tk-orphan-report").unwrap();
+    let report = scratch.path().join("report");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "orphan_helper",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("TESTKIT_ORPHAN_HELPER_OUT", &report)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !std::fs::read_to_string(&report).is_ok_and(|r| r.lines().count() == 3) {
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = process::kill_child(&mut child);
+            panic!("the helper did not report a running dockerd");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The test process dies without dropping its Dockerd.
+    process::kill_child(&mut child).unwrap();
+    let text = std::fs::read_to_string(&report).unwrap();
+    let mut lines = text.lines();
+    let dir = PathBuf::from(lines.next().unwrap());
+    let pids: Vec<i32> = lines.map(|l| l.parse().unwrap()).collect();
+    assert!(
+        pids.iter().all(|&p| process::is_live(p)),
+        "dockerd died with its test"
+    );
+    let errors = testkit::dockerd::sweep_orphans();
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_nothing_left(&dir, &pids);
+}
