@@ -133,7 +133,7 @@ impl Rados {
                 // path; the handle is valid and not yet connected.
                 let ret = unsafe { ffi::rados_conf_read_file(cluster.ptr, ptr::null()) };
                 // No default conf file is fine: options may name the monitors.
-                if ret < 0 && ret != -libc::ENOENT && ret != -libc::EINVAL {
+                if ret < 0 && ret != -libc::ENOENT {
                     check(
                         "rados_conf_read_file",
                         || Target::ConfigOption("default conf".into()),
