@@ -786,7 +786,8 @@ fn the_sandbox_snapshot_sees_every_kind_of_change() {
     if !need_root("the_sandbox_snapshot_sees_every_kind_of_change") {
         return;
     }
-    let changes: &[(&str, fn(&Sandbox))] = &[
+    type Change = (&'static str, fn(&Sandbox));
+    let changes: &[Change] = &[
         ("content", |sb| {
             fs::write(sb.path().join("canary.txt"), b"canary: never change mE\n").expect("write")
         }),

@@ -167,7 +167,7 @@ impl<R: Read> TarReader<R> {
         }
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
-        let mut pax: Option<Vec<(Vec<u8>, Vec<u8>)>> = None;
+        let mut pax: Option<Vec<PaxRecord>> = None;
         loop {
             self.skip_current()?;
             let offset = self.offset;
@@ -474,9 +474,12 @@ fn parse_header(block: &[u8; BLOCK], offset: u64) -> Result<Member, TarFormatErr
     })
 }
 
+/// One pax record: raw key, raw value.
+type PaxRecord = (Vec<u8>, Vec<u8>);
+
 /// Parses pax records (`"<len> <key>=<value>\n"`, length-delimited, so values
 /// may hold any byte).
-fn parse_pax(data: &[u8], offset: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TarFormatError> {
+fn parse_pax(data: &[u8], offset: u64) -> Result<Vec<PaxRecord>, TarFormatError> {
     let bad = |reason| TarFormatError::BadPax { offset, reason };
     let mut records = Vec::new();
     let mut rest = data;
@@ -509,11 +512,7 @@ fn parse_pax(data: &[u8], offset: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TarFor
     Ok(records)
 }
 
-fn apply_pax(
-    m: &mut Member,
-    records: Vec<(Vec<u8>, Vec<u8>)>,
-    offset: u64,
-) -> Result<(), TarFormatError> {
+fn apply_pax(m: &mut Member, records: Vec<PaxRecord>, offset: u64) -> Result<(), TarFormatError> {
     let bad = |reason| TarFormatError::BadPax { offset, reason };
     for (key, value) in records {
         if let Some(xattr) = key.strip_prefix(b"SCHILY.xattr.") {
