@@ -781,8 +781,9 @@ async fn pipelined_requests_are_answered_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_calls_do_not_block_other_connections() {
+    let gate = common::Gate::default();
     let driver = FakeDriver::with(Settings {
-        delay: Duration::from_millis(300),
+        get_gate: Some(gate.clone()),
         ..Settings::default()
     });
     let server = TestServer::start(driver).await;
@@ -790,15 +791,27 @@ async fn slow_calls_do_not_block_other_connections() {
     slow.send(&dockerd_json_request("GraphDriver.Get", "{\"ID\":\"a\"}\n"))
         .await
         .unwrap();
-    let started = std::time::Instant::now();
-    // Activate does not reach the driver.
-    let response = server.connect().await.call("Plugin.Activate", "").await;
-    assert_eq!(response.status, 200);
-    assert!(
-        started.elapsed() < Duration::from_millis(250),
-        "{:?}",
-        started.elapsed()
+    server
+        .driver
+        .wait_for_call(|c| matches!(c, Call::Get { .. }))
+        .await;
+    // While Get is held in the driver, other calls are served.
+    let mut other = server.connect().await;
+    assert_eq!(
+        other
+            .call("GraphDriver.Put", "{\"ID\":\"b\"}\n")
+            .await
+            .status,
+        200
     );
+    assert_eq!(other.call("Plugin.Activate", "").await.status, 200);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), slow.read_response())
+            .await
+            .is_err(),
+        "Get answered before the driver returned"
+    );
+    gate.open();
     assert_eq!(slow.response().await.status, 200);
 }
 

@@ -188,8 +188,9 @@ async fn shutdown_stops_waiting_after_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::at(dir.path().join("rbd.sock"));
     config.shutdown_grace = Some(Duration::from_millis(200));
+    let gate = common::Gate::default();
     let driver = FakeDriver::with(Settings {
-        delay: Duration::from_secs(3),
+        gate: Some(gate.clone()),
         ..Settings::default()
     });
     let mut server = TestServer::start_with(driver, dir, config).await;
@@ -206,11 +207,18 @@ async fn shutdown_stops_waiting_after_the_grace_period() {
     server.signal_stop();
     server.stop().await.expect("stop");
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
     assert!(!socket.exists());
+    // The held call was still in the driver when serve returned.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), busy.read_response())
+            .await
+            .is_err()
+    );
+    gate.open();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

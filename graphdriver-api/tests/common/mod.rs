@@ -100,10 +100,35 @@ pub struct FakeError {
     pub source: io::Error,
 }
 
+/// Holds driver calls until opened.
+#[derive(Debug, Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    pub fn open(&self) {
+        *lock(&self.0.0) = true;
+        self.0.1.notify_all();
+    }
+
+    /// Waits until opened (at most [`WAIT`], so a failed test cannot hang).
+    fn pass(&self) {
+        let guard = lock(&self.0.0);
+        let _ = self
+            .0
+            .1
+            .wait_timeout_while(guard, WAIT, |open| !*open)
+            .map_err(|_| ());
+    }
+}
+
 #[derive(Debug)]
 pub struct Settings {
     pub mode: Mode,
     pub delay: Duration,
+    /// If set, `get` waits for it to open.
+    pub get_gate: Option<Gate>,
+    /// If set, every call but `get` waits for it to open.
+    pub gate: Option<Gate>,
     pub apply: ApplyMode,
     pub diff_data: Vec<u8>,
     pub diff_fail_after: Option<(usize, DiffFailure)>,
@@ -117,6 +142,8 @@ impl Default for Settings {
         Settings {
             mode: Mode::Succeed,
             delay: Duration::ZERO,
+            get_gate: None,
+            gate: None,
             apply: ApplyMode::ReadAll,
             diff_data: b"tar bytes".to_vec(),
             diff_fail_after: None,
@@ -189,11 +216,20 @@ impl FakeDriver {
     /// Records `call`, sleeps the configured delay, then fails or panics if
     /// so configured.
     fn enter(&self, call: Call, method: &'static str, id: &str) -> Result<(), FakeError> {
+        let is_get = matches!(call, Call::Get { .. });
         self.record(call);
-        let (mode, delay) = {
+        let (mode, delay, gate) = {
             let settings = lock(&self.settings);
-            (settings.mode, settings.delay)
+            let gate = if is_get {
+                settings.get_gate.clone()
+            } else {
+                settings.gate.clone()
+            };
+            (settings.mode, settings.delay, gate)
         };
+        if let Some(gate) = gate {
+            gate.pass();
+        }
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
