@@ -15,6 +15,7 @@ pub mod driver;
 pub mod server;
 pub mod types;
 
+pub use diff::{DiffError, IdMappings, LayerFs, NaiveDiff};
 pub use driver::{DiffStream, GraphDriver};
 pub use server::{ServerConfig, ServerError, SocketGroup, router, serve, shutdown_signal};
 pub use types::{Capabilities, Change, ChangeKind, CreateRequest, IdMap, InitRequest};
