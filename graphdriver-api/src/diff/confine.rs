@@ -290,6 +290,9 @@ pub(crate) fn remove_all_at(dir: BorrowedFd<'_>, name: &CStr, dev: u64) -> Resul
     let mut sub = match open_subdir(dir, name) {
         Ok(sub) => sub,
         Err(Errno::ENOENT) => return Ok(()),
+        // EPERM from unlink on something that is not a directory (an
+        // immutable file, a sticky directory): report that, not ENOTDIR.
+        Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => return Err(Errno::EPERM),
         Err(e) => return Err(e),
     };
     let st = fstat(sub.as_fd())?;
