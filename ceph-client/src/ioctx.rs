@@ -248,10 +248,11 @@ impl IoCtx {
         let ret = unsafe { ffi::rados_stat(self.inner.ptr, o.as_ptr(), &mut size, &mut mtime) };
         check("rados_stat", || Target::Object(oid.to_string()), ret.into())?;
         let mtime = if mtime >= 0 {
-            UNIX_EPOCH + Duration::from_secs(mtime as u64)
+            UNIX_EPOCH.checked_add(Duration::from_secs(mtime.unsigned_abs()))
         } else {
-            UNIX_EPOCH - Duration::from_secs(mtime.unsigned_abs())
-        };
+            UNIX_EPOCH.checked_sub(Duration::from_secs(mtime.unsigned_abs()))
+        }
+        .unwrap_or(UNIX_EPOCH);
         Ok((size, mtime))
     }
 
