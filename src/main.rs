@@ -1,1 +1,181 @@
-fn main() {}
+//! `docker-rbd`: the plugin daemon (`serve`) and the tools around it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use docker_rbd::config::{RawSettings, Source};
+use docker_rbd::plugin::RbdPlugin;
+use graphdriver_api::{ServerConfig, SocketGroup};
+
+/// Docker storage driver keeping container root filesystems on Ceph RBD.
+#[derive(Parser)]
+#[command(name = "docker-rbd", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the graphdriver plugin for `dockerd --experimental -s rbd`.
+    Serve(ServeArgs),
+}
+
+/// Ceph and driver settings; each also exists as `--storage-opt rbd.<key>`.
+#[derive(Args, Default)]
+struct SettingsArgs {
+    /// ceph.conf path (rbd.conf).
+    #[arg(short = 'c', long = "conf", value_name = "PATH")]
+    conf: Option<PathBuf>,
+    /// cephx client id, without `client.` (rbd.id).
+    #[arg(long = "id", value_name = "ID")]
+    id: Option<String>,
+    /// Keyring path (rbd.keyring).
+    #[arg(short = 'k', long = "keyring", value_name = "PATH")]
+    keyring: Option<PathBuf>,
+    /// Cluster name (rbd.cluster).
+    #[arg(long = "cluster")]
+    cluster: Option<String>,
+    /// Pool for layers and metadata (rbd.pool).
+    #[arg(short = 'p', long = "pool")]
+    pool: Option<String>,
+    /// RADOS namespace: one namespace is one fleet (rbd.namespace).
+    #[arg(long = "namespace")]
+    namespace: Option<String>,
+    /// Filesystem of layers: ext4 or xfs (rbd.fs).
+    #[arg(long = "fs")]
+    fs: Option<String>,
+    /// Size of the base image, e.g. 10G (rbd.basesize).
+    #[arg(long = "basesize", value_name = "SIZE")]
+    basesize: Option<String>,
+    /// auto, krbd, nbd or fuse (rbd.mapper).
+    #[arg(long = "mapper")]
+    mapper: Option<String>,
+    /// Flatten layers with more ancestors than this (rbd.flattendepth).
+    #[arg(long = "flatten-depth", value_name = "N")]
+    flatten_depth: Option<String>,
+    /// Prefix of every image and object name (rbd.imageprefix).
+    #[arg(long = "image-prefix", value_name = "PREFIX")]
+    image_prefix: Option<String>,
+    /// Seconds to wait for the cluster (rbd.connecttimeout).
+    #[arg(long = "connect-timeout", value_name = "SECONDS")]
+    connect_timeout: Option<String>,
+    /// Config file of `key = value` lines, same keys as --storage-opt.
+    #[arg(long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl SettingsArgs {
+    fn raw(&self) -> Result<RawSettings> {
+        let mut raw = match &self.config {
+            Some(path) => RawSettings::from_file(path)?,
+            None => RawSettings::default(),
+        };
+        let mut flags = RawSettings::default();
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        for (key, value) in [
+            ("conf", path(&self.conf)),
+            ("id", self.id.clone()),
+            ("keyring", path(&self.keyring)),
+            ("cluster", self.cluster.clone()),
+            ("pool", self.pool.clone()),
+            ("namespace", self.namespace.clone()),
+            ("fs", self.fs.clone()),
+            ("basesize", self.basesize.clone()),
+            ("mapper", self.mapper.clone()),
+            ("flattendepth", self.flatten_depth.clone()),
+            ("imageprefix", self.image_prefix.clone()),
+            ("connecttimeout", self.connect_timeout.clone()),
+        ] {
+            if let Some(value) = value {
+                flags.set(key, &value, Source::Flag);
+            }
+        }
+        raw = raw.overlay(flags);
+        // Validate now so a bad flag fails at start, not at dockerd's Init.
+        raw.clone().resolve()?;
+        Ok(raw)
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// Plugin name: dockerd finds /run/docker/plugins/<name>.sock for `-s <name>`.
+    #[arg(long = "name", default_value = "rbd")]
+    name: String,
+    /// Socket path (overrides --name's default path).
+    #[arg(long = "socket", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Socket permission bits, octal.
+    #[arg(long = "socket-mode", default_value = "600", value_parser = parse_octal)]
+    socket_mode: u32,
+    /// Group owning the socket (name or gid).
+    #[arg(long = "socket-group", value_name = "GROUP")]
+    socket_group: Option<String>,
+}
+
+fn parse_octal(s: &str) -> std::result::Result<u32, String> {
+    u32::from_str_radix(s, 8).map_err(|_| format!("{s:?} is not an octal mode"))
+}
+
+fn main() -> Result<()> {
+    // The fuse mapper's server process, when no docker-rbd-fuse binary is
+    // installed beside this one (see docker_rbd::mapper::fuse).
+    let mut args = std::env::args_os();
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "fuse-serve")
+    {
+        let program = args.next().unwrap_or_default();
+        let rest = args.skip(1);
+        let code = docker_rbd::mapper::fuse::serve_main(std::iter::once(program).chain(rest));
+        std::process::exit(if code == std::process::ExitCode::SUCCESS {
+            0
+        } else {
+            1
+        });
+    }
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DOCKER_RBD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let raw = args.settings.raw().context("invalid settings")?;
+    let mut config = match &args.socket {
+        Some(path) => ServerConfig::at(path),
+        None => ServerConfig::for_plugin(&args.name),
+    };
+    config.mode = args.socket_mode;
+    config.group = args.socket_group.as_deref().map(|g| {
+        g.parse::<SocketGroup>()
+            .unwrap_or_else(|never| match never {})
+    });
+    let plugin = Arc::new(RbdPlugin::new(raw));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = graphdriver_api::shutdown_signal().context("cannot install signal handlers")?;
+        tracing::info!(socket = %config.socket.display(), version = env!("CARGO_PKG_VERSION"), "docker-rbd serving");
+        graphdriver_api::serve(plugin, config, shutdown)
+            .await
+            .context("plugin server failed")
+    })
+}

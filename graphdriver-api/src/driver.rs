@@ -67,8 +67,7 @@ pub trait GraphDriver: Send + Sync + 'static {
 
     /// Applies a Docker layer tar to the layer; returns the applied size in
     /// bytes. Must never write outside the layer, whatever the tar holds.
-    fn apply_diff(&self, id: &str, parent: &str, diff: &mut dyn Read)
-    -> Result<u64, Self::Error>;
+    fn apply_diff(&self, id: &str, parent: &str, diff: &mut dyn Read) -> Result<u64, Self::Error>;
 
     /// Size in bytes of the layer's changes against `parent`.
     fn diff_size(&self, id: &str, parent: &str) -> Result<u64, Self::Error>;

@@ -33,7 +33,8 @@ pub struct CephEnv {
 /// missing.
 pub fn env() -> Result<CephEnv, String> {
     let var = |name: &str| {
-        std::env::var(name).map_err(|_| format!("{name} is not set (no test cluster; see scripts/ceph-dev)"))
+        std::env::var(name)
+            .map_err(|_| format!("{name} is not set (no test cluster; see scripts/ceph-dev)"))
     };
     let env = CephEnv {
         conf: var("DOCKER_RBD_CEPH_CONF")?.into(),

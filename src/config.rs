@@ -1,0 +1,638 @@
+//! The driver's settings and where they come from.
+//!
+//! Settings have one name each, the key dockerd passes as
+//! `--storage-opt rbd.<key>=<value>` (which arrives in `GraphDriver.Init`'s
+//! `Opts`). The same keys may appear, one `key = value` per line, in a config
+//! file, and most have a `docker-rbd serve` flag named like the `rbd` tool's
+//! option. Precedence, lowest first:
+//!
+//! 1. built-in defaults,
+//! 2. the config file (`docker-rbd serve --config FILE`),
+//! 3. `docker-rbd serve` flags,
+//! 4. `Init.Opts` from dockerd (`dockerd --storage-opt rbd.*`).
+//!
+//! Every problem (unknown key, bad value, duplicate) is collected and reported
+//! at once, naming the key and where it came from.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::mapper::MapperKind;
+use crate::names::Naming;
+use crate::units::{format_size, parse_size};
+
+/// A filesystem the driver can format layers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsType {
+    /// ext4 (default): project quotas for `size=` below the base size.
+    Ext4,
+    /// xfs: clones share the base's UUID, so mounts need `nouuid`.
+    Xfs,
+}
+
+impl FsType {
+    /// The name `mount -t` and `mkfs.<name>` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+}
+
+impl FromStr for FsType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ext4" => Ok(FsType::Ext4),
+            "xfs" => Ok(FsType::Xfs),
+            other => Err(format!(
+                "unknown filesystem {other:?} (expected ext4 or xfs)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for FsType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How to reach the Ceph cluster, named as the `rbd` tool names it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CephSettings {
+    /// `-c/--conf`: ceph.conf path (librados default search when unset).
+    pub conf: Option<PathBuf>,
+    /// `--id`: cephx client id without `client.` (librados default `admin`).
+    pub id: Option<String>,
+    /// `-k/--keyring`: keyring path.
+    pub keyring: Option<PathBuf>,
+    /// `--cluster`: cluster name (default `ceph`).
+    pub cluster: Option<String>,
+}
+
+/// The driver's complete, validated settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Cluster connection.
+    pub ceph: CephSettings,
+    /// `rbd.pool`: pool holding layers and metadata.
+    pub pool: String,
+    /// `rbd.namespace`: RADOS namespace; one namespace is one fleet.
+    pub namespace: String,
+    /// `rbd.fs`: filesystem of the base image.
+    pub fs: FsType,
+    /// `rbd.basesize`: size of the base image, so of every parentless layer.
+    pub base_size: u64,
+    /// `rbd.mapper`: how images become block devices.
+    pub mapper: MapperKind,
+    /// `rbd.flattendepth`: a layer with more ancestors than this is
+    /// flattened when created (krbd maps at most 16).
+    pub flatten_depth: u32,
+    /// `rbd.imageprefix`: leads every image and object name.
+    pub naming: Naming,
+    /// `rbd.connecttimeout`: bound on connecting to the cluster.
+    pub connect_timeout: Duration,
+}
+
+/// One settings key: its name, its default (as text) and what it means.
+pub struct Key {
+    /// The key without the `rbd.` prefix.
+    pub name: &'static str,
+    /// Default value, as the text a user would write.
+    pub default: &'static str,
+    /// One line of documentation.
+    pub doc: &'static str,
+}
+
+/// Every key the driver accepts. `docs/configuration.md` lists the same.
+pub const KEYS: &[Key] = &[
+    Key {
+        name: "conf",
+        default: "(librados search path)",
+        doc: "ceph.conf path (`-c/--conf`)",
+    },
+    Key {
+        name: "id",
+        default: "admin",
+        doc: "cephx client id, without `client.` (`--id`)",
+    },
+    Key {
+        name: "keyring",
+        default: "(from ceph.conf)",
+        doc: "keyring path (`-k/--keyring`)",
+    },
+    Key {
+        name: "cluster",
+        default: "ceph",
+        doc: "cluster name (`--cluster`)",
+    },
+    Key {
+        name: "pool",
+        default: "rbd",
+        doc: "pool for layers and metadata (`-p/--pool`)",
+    },
+    Key {
+        name: "namespace",
+        default: "(none)",
+        doc: "RADOS namespace; one namespace is one fleet (`--namespace`)",
+    },
+    Key {
+        name: "fs",
+        default: "ext4",
+        doc: "filesystem of layers: ext4 or xfs (`--fs`)",
+    },
+    Key {
+        name: "basesize",
+        default: "10G",
+        doc: "size of the base image and so of parentless layers (`--basesize`)",
+    },
+    Key {
+        name: "mapper",
+        default: "auto",
+        doc: "auto, krbd, nbd or fuse (`--mapper`)",
+    },
+    Key {
+        name: "flattendepth",
+        default: "8",
+        doc: "flatten layers with more ancestors than this, at most 15 (`--flatten-depth`)",
+    },
+    Key {
+        name: "imageprefix",
+        default: "docker-rbd.",
+        doc: "prefix of every image and object name (`--image-prefix`)",
+    },
+    Key {
+        name: "connecttimeout",
+        default: "10",
+        doc: "seconds to wait for the cluster before failing (`--connect-timeout`)",
+    },
+];
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Line `line` of a config file.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+    },
+    /// A `docker-rbd serve` flag.
+    Flag,
+    /// dockerd's `--storage-opt` (Init.Opts).
+    StorageOpt,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File { path, line } => write!(f, "{}:{line}", path.display()),
+            Source::Flag => f.write_str("command-line flag"),
+            Source::StorageOpt => f.write_str("dockerd --storage-opt"),
+        }
+    }
+}
+
+/// One problem with the settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where the offending value came from.
+    pub source: Source,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Why settings could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// One or more keys or values were wrong; all of them are listed.
+    #[error("invalid docker-rbd settings:{}", list(.problems))]
+    Invalid {
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+    /// The config file could not be read.
+    #[error("cannot read config file {path}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("\n  - {} ({})", p.message, p.source))
+        .collect()
+}
+
+/// Settings as given, before defaults: key (without `rbd.`) to value and
+/// source. Later layers override earlier ones key by key.
+#[derive(Debug, Clone, Default)]
+pub struct RawSettings {
+    values: BTreeMap<&'static str, (String, Source)>,
+    problems: Vec<Problem>,
+}
+
+impl RawSettings {
+    /// Reads a config file of `key = value` lines (`#` starts a comment;
+    /// keys may be written with or without the `rbd.` prefix).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut raw = Self::default();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let source = Source::File {
+                path: path.to_path_buf(),
+                line: n + 1,
+            };
+            match line.split_once('=') {
+                Some((k, v)) => {
+                    let key = k.trim();
+                    let key = key.strip_prefix("rbd.").unwrap_or(key);
+                    raw.set(key, v.trim(), source);
+                }
+                None => raw.problems.push(Problem {
+                    source,
+                    message: format!("line {line:?} is not `key = value`"),
+                }),
+            }
+        }
+        Ok(raw)
+    }
+
+    /// Reads dockerd's `Init.Opts`: `rbd.<key>=<value>` strings.
+    pub fn from_storage_opts(opts: &[String]) -> Self {
+        let mut raw = Self::default();
+        for opt in opts {
+            let Some((k, v)) = opt.split_once('=') else {
+                raw.problems.push(Problem {
+                    source: Source::StorageOpt,
+                    message: format!("storage option {opt:?} is not `rbd.<key>=<value>`"),
+                });
+                continue;
+            };
+            match k.trim().strip_prefix("rbd.") {
+                Some(key) => raw.set(key, v.trim(), Source::StorageOpt),
+                None => raw.problems.push(Problem {
+                    source: Source::StorageOpt,
+                    message: format!(
+                        "unknown storage option {:?} (docker-rbd's keys start with rbd.)",
+                        k.trim()
+                    ),
+                }),
+            }
+        }
+        raw
+    }
+
+    /// Sets `key` (without `rbd.`), recording a problem for unknown keys and
+    /// for a key given twice by one source.
+    pub fn set(&mut self, key: &str, value: &str, source: Source) {
+        let Some(known) = KEYS.iter().find(|k| k.name == key) else {
+            self.problems.push(Problem {
+                source,
+                message: format!("unknown key \"rbd.{key}\""),
+            });
+            return;
+        };
+        if let Some((_, earlier)) = self.values.get(known.name)
+            && same_origin(earlier, &source)
+        {
+            self.problems.push(Problem {
+                source,
+                message: format!("key \"rbd.{key}\" given twice (also at {earlier})"),
+            });
+            return;
+        }
+        self.values.insert(known.name, (value.to_string(), source));
+    }
+
+    /// Overlays `over` on `self`: its values win.
+    pub fn overlay(mut self, over: RawSettings) -> Self {
+        self.values.extend(over.values);
+        self.problems.extend(over.problems);
+        self
+    }
+
+    /// Applies defaults and validates every value.
+    pub fn resolve(self) -> Result<Settings, ConfigError> {
+        let mut problems = self.problems;
+        let values = self.values;
+        let get = |key: &'static str, default: &str| -> (String, Source) {
+            values
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| (default.to_string(), Source::Flag))
+        };
+        let mut check = |key: &str, source: Source, result: Result<(), String>| {
+            if let Err(message) = result {
+                problems.push(Problem {
+                    source,
+                    message: format!("rbd.{key}: {message}"),
+                });
+            }
+        };
+
+        let opt = |v: String| (!v.is_empty()).then_some(v);
+        let ceph = CephSettings {
+            conf: opt(get("conf", "").0).map(PathBuf::from),
+            id: opt(get("id", "").0),
+            keyring: opt(get("keyring", "").0).map(PathBuf::from),
+            cluster: opt(get("cluster", "").0),
+        };
+        let (pool, src) = get("pool", "rbd");
+        check(
+            "pool",
+            src,
+            if pool.is_empty() {
+                Err("must not be empty".into())
+            } else {
+                Ok(())
+            },
+        );
+        let (namespace, _) = get("namespace", "");
+
+        let (fs_text, src) = get("fs", "ext4");
+        let fs = fs_text.parse::<FsType>();
+        check("fs", src, fs.as_ref().map(|_| ()).map_err(Clone::clone));
+
+        let (size_text, src) = get("basesize", "10G");
+        let base_size = parse_size(&size_text)
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                if s < 64 << 20 {
+                    Err(format!("{} is below the 64 MiB minimum", format_size(s)))
+                } else {
+                    Ok(s)
+                }
+            });
+        check(
+            "basesize",
+            src,
+            base_size.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
+
+        let (mapper_text, src) = get("mapper", "auto");
+        let mapper = mapper_text.parse::<MapperKind>().map_err(|e| e.to_string());
+        check(
+            "mapper",
+            src,
+            mapper.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
+
+        let (depth_text, src) = get("flattendepth", "8");
+        let flatten_depth = depth_text
+            .parse::<u32>()
+            .map_err(|_| format!("{depth_text:?} is not a whole number"))
+            .and_then(|d| {
+                if (1..=15).contains(&d) {
+                    Ok(d)
+                } else {
+                    Err(format!(
+                        "{d} is outside 1..=15 (krbd maps at most 16 ancestors)"
+                    ))
+                }
+            });
+        check(
+            "flattendepth",
+            src,
+            flatten_depth.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
+
+        let (prefix, src) = get("imageprefix", Naming::DEFAULT_PREFIX);
+        let naming = Naming::new(&prefix);
+        check(
+            "imageprefix",
+            src,
+            naming.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
+
+        let (timeout_text, src) = get("connecttimeout", "10");
+        let connect_timeout = timeout_text
+            .parse::<u64>()
+            .ok()
+            .filter(|s| (1..=600).contains(s))
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{timeout_text:?} is not a number of seconds from 1 to 600"));
+        check(
+            "connecttimeout",
+            src,
+            connect_timeout.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
+
+        match (
+            fs,
+            base_size,
+            mapper,
+            flatten_depth,
+            naming,
+            connect_timeout,
+        ) {
+            (
+                Ok(fs),
+                Ok(base_size),
+                Ok(mapper),
+                Ok(flatten_depth),
+                Ok(naming),
+                Ok(connect_timeout),
+            ) if problems.is_empty() => Ok(Settings {
+                ceph,
+                pool,
+                namespace,
+                fs,
+                base_size,
+                mapper,
+                flatten_depth,
+                naming,
+                connect_timeout,
+            }),
+            _ => Err(ConfigError::Invalid { problems }),
+        }
+    }
+}
+
+fn same_origin(a: &Source, b: &Source) -> bool {
+    match (a, b) {
+        (Source::File { path: p1, .. }, Source::File { path: p2, .. }) => p1 == p2,
+        (Source::Flag, Source::Flag) | (Source::StorageOpt, Source::StorageOpt) => true,
+        _ => false,
+    }
+}
+
+impl Settings {
+    /// Human-readable pairs for `docker info` and logs.
+    pub fn describe(&self) -> Vec<(String, String)> {
+        vec![
+            ("Pool".into(), self.pool.clone()),
+            ("Namespace".into(), self.namespace.clone()),
+            ("Filesystem".into(), self.fs.to_string()),
+            ("Base Size".into(), format_size(self.base_size)),
+            ("Flatten Depth".into(), self.flatten_depth.to_string()),
+            ("Image Prefix".into(), self.naming.prefix().to_string()),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(list: &[&str]) -> RawSettings {
+        RawSettings::from_storage_opts(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn defaults() {
+        let s = RawSettings::default().resolve().unwrap();
+        assert_eq!(s.pool, "rbd");
+        assert_eq!(s.namespace, "");
+        assert_eq!(s.fs, FsType::Ext4);
+        assert_eq!(s.base_size, 10 << 30);
+        assert_eq!(s.mapper, MapperKind::Auto);
+        assert_eq!(s.flatten_depth, 8);
+        assert_eq!(s.naming.prefix(), "docker-rbd.");
+        assert_eq!(s.connect_timeout, Duration::from_secs(10));
+        assert_eq!(s.ceph, CephSettings::default());
+    }
+
+    #[test]
+    fn storage_opts_override_flags_which_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("docker-rbd.conf");
+        std::fs::write(
+            &file,
+            "# fleet A\nrbd.pool = filepool\nnamespace = filens\nfs=xfs\n",
+        )
+        .unwrap();
+        let mut flags = RawSettings::default();
+        flags.set("pool", "flagpool", Source::Flag);
+        flags.set("basesize", "1G", Source::Flag);
+        let s = RawSettings::from_file(&file)
+            .unwrap()
+            .overlay(flags)
+            .overlay(opts(&["rbd.basesize=2G", "rbd.id=docker"]))
+            .resolve()
+            .unwrap();
+        assert_eq!(s.pool, "flagpool");
+        assert_eq!(s.namespace, "filens");
+        assert_eq!(s.fs, FsType::Xfs);
+        assert_eq!(s.base_size, 2 << 30);
+        assert_eq!(s.ceph.id.as_deref(), Some("docker"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = opts(&[
+            "rbd.pool=p",
+            "rbd.bogus=1",
+            "size=10G",
+            "noequals",
+            "rbd.fs=btrfs",
+            "rbd.basesize=ten",
+            "rbd.mapper=magic",
+            "rbd.flattendepth=40",
+            "rbd.imageprefix=a/b",
+            "rbd.connecttimeout=0",
+            "rbd.pool=q",
+        ])
+        .resolve()
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "unknown key \"rbd.bogus\"",
+            "unknown storage option \"size\"",
+            "\"noequals\" is not",
+            "rbd.fs: unknown filesystem \"btrfs\"",
+            "rbd.basesize: invalid size \"ten\"",
+            "rbd.mapper:",
+            "rbd.flattendepth: 40 is outside",
+            "rbd.imageprefix:",
+            "rbd.connecttimeout:",
+            "\"rbd.pool\" given twice",
+            "dockerd --storage-opt",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        let ConfigError::Invalid { problems } = err else {
+            panic!("wrong error")
+        };
+        assert_eq!(problems.len(), 10, "{problems:#?}");
+    }
+
+    #[test]
+    fn file_problems_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.conf");
+        std::fs::write(&file, "pool = a\n\nwhat\nmapper = nope\n").unwrap();
+        let text = RawSettings::from_file(&file)
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("c.conf:3"), "{text}");
+        assert!(text.contains("c.conf:4"), "{text}");
+        let missing = RawSettings::from_file(&dir.path().join("none")).unwrap_err();
+        assert!(missing.to_string().contains("cannot read config file"));
+    }
+
+    #[test]
+    fn small_base_is_refused() {
+        let text = opts(&["rbd.basesize=1M"])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("below the 64 MiB minimum"), "{text}");
+    }
+
+    #[test]
+    fn keys_table_matches_resolver() {
+        for key in KEYS {
+            let mut raw = RawSettings::default();
+            raw.set(key.name, "x", Source::Flag);
+            let text = match raw.resolve() {
+                Ok(_) => String::new(),
+                Err(e) => e.to_string(),
+            };
+            assert!(!text.contains("unknown key"), "{}: {text}", key.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod doc_tests {
+    use super::KEYS;
+
+    #[test]
+    fn configuration_doc_lists_every_key_with_its_default() {
+        let doc = include_str!("../docs/configuration.md");
+        for key in KEYS {
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `rbd.{}` |", key.name)))
+                .unwrap_or_else(|| panic!("docs/configuration.md has no row for rbd.{}", key.name));
+            let default = key.default.trim_start_matches('(').trim_end_matches(')');
+            let first_word = default.split_whitespace().next().unwrap_or_default();
+            assert!(
+                row.contains(first_word),
+                "rbd.{}: default {default:?} not in {row:?}",
+                key.name
+            );
+        }
+    }
+}

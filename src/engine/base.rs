@@ -1,0 +1,148 @@
+//! The base image: one formatted, empty filesystem per pool, namespace,
+//! filesystem type and size, which every parentless layer is cloned from.
+//!
+//! It is made once, under a RADOS exclusive lock, so two daemons starting
+//! together make exactly one. It is ready when it has its `sealed`
+//! snapshot; an image without one is the leftover of an interrupted making
+//! and is remade.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use ceph_client::LockFlags;
+use ceph_client::rbd::{self, Image};
+
+use super::{Engine, Result, ceph, fs_err, io, mapper_err};
+use crate::fs::{self, MountSpec};
+use crate::mapper::MapRequest;
+use crate::names::SEALED_SNAP;
+
+/// cls lock name on the base lock object.
+const LOCK_NAME: &str = "docker-rbd.base";
+/// How long a lock holder may take before others may assume it died.
+const LOCK_DURATION: Duration = Duration::from_secs(300);
+
+impl Engine {
+    /// The base image's name, making the image first if needed.
+    pub(crate) fn ensure_base(&self) -> Result<String> {
+        let name = self
+            .settings
+            .naming
+            .base_image(self.settings.fs.as_str(), self.settings.base_size);
+        if self.base_ready(&name)? {
+            return Ok(name);
+        }
+        let object = self.settings.naming.base_lock_object();
+        let cookie = format!("{}.{}", self.host_id, std::process::id());
+        let started = Instant::now();
+        loop {
+            match self.ioctx.lock_exclusive(
+                &object,
+                LOCK_NAME,
+                &cookie,
+                "making the base image",
+                Some(LOCK_DURATION),
+                LockFlags::default(),
+            ) {
+                Ok(()) => break,
+                Err(e) if e.is_busy() || e.is_exists() => {
+                    if self.base_ready(&name)? {
+                        return Ok(name);
+                    }
+                    if started.elapsed() > LOCK_DURATION + Duration::from_secs(30) {
+                        return Err(ceph("lock for making the base image", &name)(e));
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(ceph("lock for making the base image", &name)(e)),
+            }
+        }
+        let result = if self.base_ready(&name)? {
+            Ok(())
+        } else {
+            self.make_base(&name)
+        };
+        if let Err(e) = self.ioctx.unlock(&object, LOCK_NAME, &cookie) {
+            tracing::warn!(error = %e, "releasing the base image lock failed; it expires by itself");
+        }
+        result.map(|()| name)
+    }
+
+    fn base_ready(&self, name: &str) -> Result<bool> {
+        match Image::open_read_only(&self.ioctx, name, None) {
+            Ok(img) => img
+                .snap_exists(SEALED_SNAP)
+                .map_err(ceph("snapshot lookup", name)),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(ceph("open base image", name)(e)),
+        }
+    }
+
+    fn make_base(&self, name: &str) -> Result<()> {
+        let started = Instant::now();
+        match rbd::remove(&self.ioctx, name) {
+            Ok(()) => tracing::warn!(image = name, "removed an unfinished base image"),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(ceph("remove unfinished base image", name)(e)),
+        }
+        rbd::create(
+            &self.ioctx,
+            name,
+            self.settings.base_size,
+            &self.image_options(),
+        )
+        .map_err(ceph("create base image", name))?;
+        let request = MapRequest::new(
+            self.settings.pool.clone(),
+            self.namespace(),
+            name.to_string(),
+        );
+        let mapped = self.mapper.map(&request).map_err(mapper_err("map", name))?;
+        let mountpoint = self
+            .home
+            .join("mnt")
+            .join(format!(".base-{}", std::process::id()));
+        let formatted = (|| {
+            fs::mkfs(self.runner.as_ref(), &mapped.device, self.settings.fs)
+                .map_err(fs_err("mkfs", name))?;
+            let spec = MountSpec {
+                fs: self.settings.fs,
+                read_only: false,
+                label: String::new(),
+                project_quota: false,
+            };
+            fs::mount(&mapped.device, &mountpoint, &spec).map_err(fs_err("mount", name))?;
+            let rootfs = mountpoint.join("rootfs");
+            let made = std::fs::create_dir(&rootfs)
+                .and_then(|()| {
+                    std::fs::set_permissions(&rootfs, std::fs::Permissions::from_mode(0o755))
+                })
+                .map_err(io("create", &rootfs));
+            let unmounted = fs::umount(&mountpoint).map_err(fs_err("umount", name));
+            made.and(unmounted)
+        })();
+        let unmapped = self
+            .mapper
+            .unmap(&mapped)
+            .map_err(mapper_err("unmap", name));
+        // The mountpoint is empty once unmounted; a failure to remove it is harmless.
+        let _ = std::fs::remove_dir(&mountpoint);
+        formatted?;
+        unmapped?;
+        Image::open(&self.ioctx, name, None)
+            .and_then(|img| img.snap_create(SEALED_SNAP))
+            .map_err(ceph("snapshot base image", name))?;
+        tracing::info!(
+            image = name,
+            fs = %self.settings.fs,
+            size = self.settings.base_size,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "base image made"
+        );
+        Ok(())
+    }
+
+    pub(crate) fn namespace(&self) -> Option<String> {
+        (!self.settings.namespace.is_empty()).then(|| self.settings.namespace.clone())
+    }
+}

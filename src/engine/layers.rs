@@ -1,0 +1,499 @@
+//! Layer lifecycle: create (clone), seal (snapshot), remove, recover.
+
+use std::collections::BTreeSet;
+
+use ceph_client::rbd::{self, Image, ImageOptions};
+use metadata::{LayerKind, LayerRecord, LayerState};
+
+use super::{Engine, EngineError, Result, ceph, fs_err, now};
+use crate::config::FsType;
+use crate::names::{LayerId, SEALED_SNAP};
+
+/// RBD features of every image docker-rbd makes: layering for clones,
+/// exclusive-lock so one writer at a time. Both are supported by every krbd
+/// since 4.9; object-map and fast-diff are left out for older kernels.
+pub const IMAGE_FEATURES: u64 =
+    ceph_client::rbd::RBD_FEATURE_LAYERING | ceph_client::rbd::RBD_FEATURE_EXCLUSIVE_LOCK;
+
+/// How a layer is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// What the layer is for.
+    pub kind: LayerKind,
+    /// `size=` storage option: the layer's capacity in bytes.
+    pub size: Option<u64>,
+    /// SELinux label for the mounts made while creating.
+    pub mount_label: String,
+}
+
+/// What `GetMetadata`, `Status` and the CLI show of a layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// The layer id.
+    pub id: String,
+    /// Its record.
+    pub record: LayerRecord,
+}
+
+/// Smallest `size=` accepted: below this a filesystem is of no use.
+pub const MIN_LAYER_SIZE: u64 = 16 << 20;
+
+impl Engine {
+    pub(crate) fn image_options(&self) -> ImageOptions {
+        ImageOptions {
+            features: Some(IMAGE_FEATURES),
+            order: None,
+        }
+    }
+
+    /// Creates layer `id` on `parent` (empty: on the base image).
+    /// Creating a layer that already exists with the same parent succeeds
+    /// (Docker retries after errors).
+    #[tracing::instrument(skip(self, opts), fields(kind = ?opts.kind, size = ?opts.size))]
+    pub fn create(&self, id: &str, parent: &str, opts: &CreateOptions) -> Result<()> {
+        let id = Self::parse(id)?;
+        let parent = LayerId::parse_parent(parent)?;
+        if let Some(size) = opts.size
+            && size < MIN_LAYER_SIZE
+        {
+            return Err(EngineError::StorageOpt {
+                key: "size".into(),
+                value: size.to_string(),
+                reason: format!("below the {} MiB minimum", MIN_LAYER_SIZE >> 20),
+            });
+        }
+        let _held = self
+            .locks
+            .lock(&[id.as_str(), parent.as_ref().map_or("", LayerId::as_str)]);
+        let layers = self.store.layers();
+        let parent_str = parent.as_ref().map(|p| p.to_string());
+
+        if let Some(existing) = layers.get(id.as_str())? {
+            let rec = &existing.value;
+            match rec.state {
+                LayerState::Created if rec.parent == parent_str => {
+                    self.add_holder(&id)?;
+                    tracing::info!("layer exists already with the same parent");
+                    return Ok(());
+                }
+                LayerState::Creating if rec.created_by == self.host_id => {
+                    tracing::warn!("rolling back an interrupted earlier create");
+                    self.finish_removal(&id, rec)?;
+                }
+                state => {
+                    return Err(EngineError::Conflict {
+                        layer: id.to_string(),
+                        reason: format!(
+                            "already exists (state {state:?}, parent {:?}, created by {})",
+                            rec.parent, rec.created_by
+                        ),
+                    });
+                }
+            }
+        }
+
+        let (source, depth, source_size) = match &parent {
+            None => (self.ensure_base()?, 0, self.settings.base_size),
+            Some(p) => {
+                let prec = layers
+                    .get(p.as_str())?
+                    .ok_or_else(|| EngineError::NotFound {
+                        layer: p.to_string(),
+                    })?;
+                if prec.value.state != LayerState::Created {
+                    return Err(EngineError::Conflict {
+                        layer: p.to_string(),
+                        reason: format!("cannot be a parent in state {:?}", prec.value.state),
+                    });
+                }
+                self.seal(p, &prec.value)?;
+                (
+                    prec.value.image.clone(),
+                    prec.value.depth + 1,
+                    prec.value.size,
+                )
+            }
+        };
+        let flatten = depth > self.settings.flatten_depth;
+        // xfs cannot shrink: a limit below the parent's size is a quota.
+        let quota = opts
+            .size
+            .filter(|&want| self.settings.fs == FsType::Xfs && want < source_size);
+        let image = self.settings.naming.layer_image(&id);
+        let record = LayerRecord {
+            parent: parent_str,
+            image: image.clone(),
+            kind: opts.kind,
+            state: LayerState::Creating,
+            depth: if flatten { 0 } else { depth },
+            size: 0,
+            quota,
+            sealed: false,
+            holders: BTreeSet::from([self.host_id.clone()]),
+            created_by: self.host_id.clone(),
+            created_at: now(),
+        };
+        let created = layers.create(id.as_str(), &record).map_err(|e| match e {
+            metadata::Error::Exists { .. } => EngineError::Conflict {
+                layer: id.to_string(),
+                reason: "is being created concurrently by another host".into(),
+            },
+            e => e.into(),
+        })?;
+
+        match self.clone_layer(&id, &source, &image, flatten, opts) {
+            Ok(size) => {
+                let mut done = record;
+                done.state = LayerState::Created;
+                done.size = size;
+                layers.replace(id.as_str(), &created, &done)?;
+                tracing::info!(%image, %source, depth = done.depth, flatten, size, "layer created");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "create failed; rolling back");
+                if let Err(undo) = self.finish_removal(&id, &record) {
+                    tracing::error!(error = %undo, "rolling back a failed create failed; fsck will report it");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Clones `source@sealed` to `image`, flattens it if asked, and applies
+    /// the size option: grows the image and its filesystem, shrinks an
+    /// ext4 filesystem and then the image, or sets an xfs project quota.
+    /// Returns the image size.
+    fn clone_layer(
+        &self,
+        id: &LayerId,
+        source: &str,
+        image: &str,
+        flatten: bool,
+        opts: &CreateOptions,
+    ) -> Result<u64> {
+        rbd::clone(
+            &self.ioctx,
+            source,
+            SEALED_SNAP,
+            &self.ioctx,
+            image,
+            &self.image_options(),
+        )
+        .map_err(ceph("clone", id))?;
+        let img = Image::open(&self.ioctx, image, None).map_err(ceph("open", id))?;
+        if flatten {
+            let started = std::time::Instant::now();
+            img.flatten(|_, _| {}).map_err(ceph("flatten", id))?;
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "flattened to bound the clone chain"
+            );
+        }
+        let current = img.size().map_err(ceph("size", id))?;
+        let Some(want) = opts.size else {
+            return Ok(current);
+        };
+        if want == current {
+            return Ok(current);
+        }
+        match self.settings.fs {
+            FsType::Ext4 if want > current => {
+                img.resize(want).map_err(ceph("resize", id))?;
+                self.resize_ext4_layer(id, image, None)?;
+                Ok(want)
+            }
+            FsType::Ext4 => {
+                self.resize_ext4_layer(id, image, Some(want))?;
+                img.resize(want).map_err(ceph("resize", id))?;
+                Ok(want)
+            }
+            FsType::Xfs if want > current => {
+                img.resize(want).map_err(ceph("resize", id))?;
+                drop(img);
+                self.grow_xfs_layer(id, &opts.mount_label)?;
+                Ok(want)
+            }
+            FsType::Xfs => {
+                drop(img);
+                self.quota_layer(id, want, &opts.mount_label)?;
+                Ok(current)
+            }
+        }
+    }
+
+    /// Seals a layer: takes its `sealed` snapshot, which its children are
+    /// cloned from. A layer still mounted writable here (BuildKit writes
+    /// through `Get` on layers made with `Create`) is synced and frozen
+    /// around the snapshot so the snapshot is consistent.
+    fn seal(&self, id: &LayerId, rec: &LayerRecord) -> Result<()> {
+        if rec.sealed {
+            return Ok(());
+        }
+        let img = Image::open(&self.ioctx, &rec.image, None).map_err(ceph("open", id))?;
+        if !img
+            .snap_exists(SEALED_SNAP)
+            .map_err(ceph("snapshot lookup", id))?
+        {
+            let frozen = self.freeze_if_mounted_writable(id)?;
+            let result = img.snap_create(SEALED_SNAP);
+            if let Some(frozen) = frozen {
+                frozen.thaw().map_err(fs_err("thaw", id))?;
+            }
+            match result {
+                Ok(()) => tracing::info!(layer = %id, "sealed"),
+                Err(e) if e.is_exists() => {}
+                Err(e) => return Err(ceph("snapshot", id)(e)),
+            }
+        }
+        self.store
+            .layers()
+            .modify(id.as_str(), |r| r.sealed = true)?;
+        Ok(())
+    }
+
+    fn add_holder(&self, id: &LayerId) -> Result<()> {
+        let host = self.host_id.clone();
+        self.store.layers().modify(id.as_str(), |r| {
+            r.holders.insert(host.clone());
+        })?;
+        Ok(())
+    }
+
+    /// Whether layer `rec`'s snapshot has clones.
+    fn has_children(&self, id: &LayerId, rec: &LayerRecord) -> Result<bool> {
+        if !rec.sealed {
+            return Ok(false);
+        }
+        let snap = match Image::open_read_only(&self.ioctx, &rec.image, Some(SEALED_SNAP)) {
+            Ok(snap) => snap,
+            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) => return Err(ceph("open snapshot", id)(e)),
+        };
+        Ok(!snap
+            .children()
+            .map_err(ceph("list children", id))?
+            .is_empty())
+    }
+
+    /// Removes layer `id` for this host. Unknown ids succeed. The image goes
+    /// once no host holds the layer and no clone depends on it; until then
+    /// the layer is `Retired`.
+    #[tracing::instrument(skip(self))]
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let id = Self::parse(id)?;
+        let layers = self.store.layers();
+        let Some(current) = layers.get(id.as_str())? else {
+            self.release_local(&id, true)?;
+            self.remove_stray_image(&id)?;
+            return Ok(());
+        };
+        let parent = current
+            .value
+            .parent
+            .as_deref()
+            .map(LayerId::parse)
+            .transpose()?;
+        {
+            let _held = self.locks.lock(&[id.as_str()]);
+            self.release_local(&id, true)?;
+            let host = self.host_id.clone();
+            let Some(rec) = layers.modify(id.as_str(), |r| {
+                r.holders.remove(&host);
+            })?
+            else {
+                return Ok(());
+            };
+            if !rec.holders.is_empty() {
+                tracing::info!(holders = ?rec.holders, "other hosts still hold the layer; keeping it");
+                return Ok(());
+            }
+            if !self.retire_or_remove(&id, rec)? {
+                return Ok(());
+            }
+        }
+        // The parent may have been kept only for this child.
+        let mut next = parent;
+        while let Some(p) = next.take() {
+            let _held = self.locks.lock(&[p.as_str()]);
+            let Some(prec) = layers.get(p.as_str())? else {
+                break;
+            };
+            if prec.value.state != LayerState::Retired {
+                break;
+            }
+            let grandparent = prec
+                .value
+                .parent
+                .as_deref()
+                .map(LayerId::parse)
+                .transpose()?;
+            if self.retire_or_remove(&p, prec.value)? {
+                next = grandparent;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks `rec` Retired if clones depend on it, else removes it. Returns
+    /// whether it was removed.
+    fn retire_or_remove(&self, id: &LayerId, rec: LayerRecord) -> Result<bool> {
+        let layers = self.store.layers();
+        let state = if self.has_children(id, &rec)? {
+            LayerState::Retired
+        } else {
+            LayerState::Removing
+        };
+        let marked = LayerRecord { state, ..rec };
+        layers.modify(id.as_str(), |r| r.state = state)?;
+        if state == LayerState::Retired {
+            tracing::info!(layer = %id, "clones still depend on the layer; retired until they go");
+            return Ok(false);
+        }
+        self.finish_removal(id, &marked)?;
+        Ok(true)
+    }
+
+    /// Removes the layer's snapshot and image (each absent is fine) and
+    /// then its record.
+    pub(crate) fn finish_removal(&self, id: &LayerId, rec: &LayerRecord) -> Result<()> {
+        match Image::open(&self.ioctx, &rec.image, None) {
+            Ok(img) => {
+                match img.snap_remove(SEALED_SNAP) {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(ceph("remove snapshot", id)(e)),
+                }
+                drop(img);
+                match rbd::remove(&self.ioctx, &rec.image) {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) if e.is_busy() => {
+                        return Err(EngineError::Conflict {
+                            layer: id.to_string(),
+                            reason: "its image is still in use (mapped or open on a host)".into(),
+                        });
+                    }
+                    Err(e) => return Err(ceph("remove image", id)(e)),
+                }
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(ceph("open", id)(e)),
+        }
+        let layers = self.store.layers();
+        if let Some(current) = layers.get(id.as_str())? {
+            layers.delete(id.as_str(), &current)?;
+        }
+        tracing::info!(layer = %id, image = %rec.image, "layer removed");
+        Ok(())
+    }
+
+    /// An image named as our layer but without a record: left by a crash
+    /// between the clone and the record's removal. Remove it if nothing
+    /// depends on it.
+    fn remove_stray_image(&self, id: &LayerId) -> Result<()> {
+        let image = self.settings.naming.layer_image(id);
+        match Image::open_read_only(&self.ioctx, &image, None) {
+            Ok(_) => {
+                let stray = LayerRecord {
+                    parent: None,
+                    image,
+                    kind: LayerKind::Image,
+                    state: LayerState::Removing,
+                    depth: 0,
+                    size: 0,
+                    quota: None,
+                    sealed: true,
+                    holders: BTreeSet::new(),
+                    created_by: String::new(),
+                    created_at: 0,
+                };
+                if self.has_children(id, &stray)? {
+                    tracing::warn!(layer = %id, "unrecorded image has clones; leaving it for fsck");
+                    return Ok(());
+                }
+                tracing::warn!(layer = %id, "removing an unrecorded image left by an interrupted operation");
+                self.finish_removal(id, &stray)
+            }
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(ceph("open", id)(e)),
+        }
+    }
+
+    /// Whether the layer exists and is usable.
+    pub fn exists(&self, id: &str) -> Result<bool> {
+        let id = Self::parse(id)?;
+        Ok(self
+            .store
+            .layers()
+            .get(id.as_str())?
+            .is_some_and(|r| r.value.state == LayerState::Created))
+    }
+
+    /// The layer's record.
+    pub fn info(&self, id: &str) -> Result<LayerInfo> {
+        let id = Self::parse(id)?;
+        let rec = self
+            .store
+            .layers()
+            .get(id.as_str())?
+            .ok_or_else(|| EngineError::NotFound {
+                layer: id.to_string(),
+            })?;
+        Ok(LayerInfo {
+            id: id.to_string(),
+            record: rec.value,
+        })
+    }
+
+    /// Every layer record of the namespace (undecodable ones are logged and
+    /// skipped).
+    pub fn list(&self) -> Result<Vec<LayerInfo>> {
+        let mut out = Vec::new();
+        for (id, rec) in self.store.layers().list()? {
+            match rec {
+                Ok(rec) => out.push(LayerInfo {
+                    id,
+                    record: rec.value,
+                }),
+                Err(e) => {
+                    tracing::warn!(layer = %id, error = %e, "skipping an unreadable layer record")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Startup: roll back creates this host left half done, finish removals
+    /// anyone left half done, and collect retired layers whose clones are
+    /// gone.
+    pub(crate) fn recover_layers(&self) {
+        let records = match self.list() {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list layers for recovery");
+                return;
+            }
+        };
+        for LayerInfo { id, record } in records {
+            let Ok(layer) = LayerId::parse(&id) else {
+                tracing::warn!(%id, "layer record with an invalid id; leaving it for fsck");
+                continue;
+            };
+            let result = match record.state {
+                LayerState::Creating if record.created_by == self.host_id => {
+                    tracing::warn!(layer = %layer, "rolling back a create interrupted by a crash");
+                    self.finish_removal(&layer, &record)
+                }
+                LayerState::Removing => {
+                    tracing::warn!(layer = %layer, "finishing a removal interrupted by a crash");
+                    self.finish_removal(&layer, &record)
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = result {
+                tracing::error!(layer = %layer, error = %e, "recovery of the layer failed; fsck will report it");
+            }
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The layer engine: layers as RBD clones, mapped and mounted on this host.
+//!
+//! The engine is the storage logic behind the graphdriver plugin, and knows
+//! nothing of Docker's protocol (a containerd snapshotter front end can use
+//! it unchanged). It owns:
+//!
+//! - **layers** ([`layers`]): each layer is an RBD image, a format-2 clone of
+//!   its parent's single `sealed` snapshot (taken when the parent gets its
+//!   first child), or of the base image for parentless layers. Every change
+//!   is recorded in the metadata store *before* the Ceph side effect
+//!   (`Creating`, `Removing`) and confirmed after, so a crash leaves a record
+//!   that says what was in flight.
+//! - **the base image** ([`base`]): one formatted filesystem per pool,
+//!   namespace, filesystem and size, made once under a RADOS lock.
+//! - **mounts** ([`mounts`]): `get`/`put` map the image with the configured
+//!   mapper, mount it at `<home>/mnt/<id>` and hand out its `rootfs`
+//!   subdirectory, reference-counted; the local state file records each step
+//!   so a restarted daemon adopts live mounts and clears stale ones
+//!   ([`Engine::recover`]).
+//!
+//! Concurrency: every operation on a layer holds that layer's lock
+//! ([`locks`]); an operation touching a layer and its parent takes both in id
+//! order, so two operations never wait on each other in a cycle.
+
+pub mod base;
+pub mod layers;
+mod locks;
+pub mod mounts;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ceph_client::{ConnectConfig, IoCtx, Rados};
+
+use crate::config::Settings;
+use crate::localstate::{LocalState, StateError};
+use crate::mapper::fuse::HelperCommand;
+use crate::mapper::{self, CephConnection, Mapper, MapperConfig};
+use crate::names::{InvalidLayerId, LayerId};
+
+pub use layers::{CreateOptions, LayerInfo};
+pub use locks::LayerLocks;
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A layer id that Docker could not have made.
+    #[error(transparent)]
+    InvalidId(#[from] InvalidLayerId),
+    /// The cluster could not be reached.
+    #[error("cannot connect to the Ceph cluster (pool {pool:?})")]
+    Connect {
+        /// The pool asked for.
+        pool: String,
+        /// Why.
+        #[source]
+        source: Box<ceph_client::Error>,
+    },
+    /// A Ceph operation on a layer failed.
+    #[error("{op} of layer {layer} failed")]
+    Ceph {
+        /// What was attempted.
+        op: &'static str,
+        /// The layer (or image) concerned.
+        layer: String,
+        /// The Ceph error.
+        #[source]
+        source: Box<ceph_client::Error>,
+    },
+    /// The metadata store failed.
+    #[error(transparent)]
+    Metadata(#[from] metadata::Error),
+    /// The local state file failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Mapping or unmapping a device failed.
+    #[error("{op} of layer {layer} failed")]
+    Mapper {
+        /// What was attempted.
+        op: &'static str,
+        /// The layer.
+        layer: String,
+        /// The mapper's error.
+        #[source]
+        source: Box<mapper::Error>,
+    },
+    /// A filesystem operation failed.
+    #[error("{op} of layer {layer} failed")]
+    Fs {
+        /// What was attempted.
+        op: &'static str,
+        /// The layer.
+        layer: String,
+        /// The filesystem error.
+        #[source]
+        source: Box<crate::fs::FsError>,
+    },
+    /// A local I/O operation failed.
+    #[error("{op} {path} failed")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The layer does not exist.
+    #[error("layer {layer} does not exist")]
+    NotFound {
+        /// The layer.
+        layer: String,
+    },
+    /// The request conflicts with the layer's state.
+    #[error("layer {layer}: {reason}")]
+    Conflict {
+        /// The layer.
+        layer: String,
+        /// What conflicts.
+        reason: String,
+    },
+    /// A per-container storage option is wrong.
+    #[error("invalid storage option {key}={value:?}: {reason}")]
+    StorageOpt {
+        /// The option.
+        key: String,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Result of the engine.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+pub(crate) fn ceph(
+    op: &'static str,
+    layer: impl ToString,
+) -> impl FnOnce(ceph_client::Error) -> EngineError {
+    let layer = layer.to_string();
+    move |source| EngineError::Ceph {
+        op,
+        layer,
+        source: Box::new(source),
+    }
+}
+
+pub(crate) fn mapper_err(
+    op: &'static str,
+    layer: impl ToString,
+) -> impl FnOnce(mapper::Error) -> EngineError {
+    let layer = layer.to_string();
+    move |source| EngineError::Mapper {
+        op,
+        layer,
+        source: Box::new(source),
+    }
+}
+
+pub(crate) fn fs_err(
+    op: &'static str,
+    layer: impl ToString,
+) -> impl FnOnce(crate::fs::FsError) -> EngineError {
+    let layer = layer.to_string();
+    move |source| EngineError::Fs {
+        op,
+        layer,
+        source: Box::new(source),
+    }
+}
+
+fn connect_err(pool: &str) -> impl FnOnce(ceph_client::Error) -> EngineError {
+    let pool = pool.to_string();
+    move |source| EngineError::Connect {
+        pool,
+        source: Box::new(source),
+    }
+}
+
+pub(crate) fn io<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> EngineError + 'a {
+    move |source| EngineError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Seconds one OSD operation may take before it fails with `ETIMEDOUT`.
+const OSD_OP_TIMEOUT_SECS: u64 = 120;
+
+/// The engine of one host: one pool and namespace, one Home.
+pub struct Engine {
+    settings: Settings,
+    home: PathBuf,
+    host_id: String,
+    rados: Rados,
+    ioctx: Arc<IoCtx>,
+    store: metadata::Store,
+    mapper: Mapper,
+    runner: Arc<dyn mapper::runner::CommandRunner>,
+    local: LocalState,
+    locks: LayerLocks,
+}
+
+impl Engine {
+    /// Connects to the cluster, opens the local state under `home`, picks
+    /// the mapper, and recovers what a previous daemon left.
+    pub fn open(settings: Settings, home: &Path) -> Result<Self> {
+        Self::open_with(settings, home, HelperCommand::locate())
+    }
+
+    /// [`Engine::open`] with an explicit FUSE server program for the fuse
+    /// mapper (the default is found next to the running executable).
+    pub fn open_with(settings: Settings, home: &Path, fuse_helper: HelperCommand) -> Result<Self> {
+        std::fs::create_dir_all(home).map_err(io("create", home))?;
+        let rados = Rados::connect(&ConnectConfig {
+            conf: settings.ceph.conf.clone(),
+            id: settings.ceph.id.clone(),
+            keyring: settings.ceph.keyring.clone(),
+            cluster: settings.ceph.cluster.clone(),
+            // The connect timeout bounds reaching the cluster; single OSD
+            // operations (a flatten is many) get longer before failing.
+            options: vec![(
+                "rados_osd_op_timeout".to_string(),
+                OSD_OP_TIMEOUT_SECS.to_string(),
+            )],
+            timeout: settings.connect_timeout,
+        })
+        .map_err(connect_err(&settings.pool))?;
+        let namespace = (!settings.namespace.is_empty()).then_some(settings.namespace.as_str());
+        if let Some(ns) = namespace {
+            ensure_namespace(&rados, &settings.pool, ns)?;
+        }
+        let ioctx = Arc::new(
+            rados
+                .ioctx(&settings.pool, namespace)
+                .map_err(connect_err(&settings.pool))?,
+        );
+        let store = metadata::Store::new(ioctx.clone(), settings.naming.metadata_prefix());
+        let connection = CephConnection {
+            conf: settings.ceph.conf.clone(),
+            id: settings.ceph.id.clone(),
+            keyring: settings.ceph.keyring.clone(),
+            cluster: settings.ceph.cluster.clone(),
+        };
+        let mut mapper_config = MapperConfig::new(connection);
+        mapper_config.fuse.run_dir = home.join("fuse");
+        mapper_config.fuse.helper = fuse_helper;
+        let runner = mapper_config.runner.clone();
+        let mapper = Mapper::probe(settings.mapper, &mapper_config)
+            .map_err(mapper_err("choosing the block-device mapper", ""))?;
+        let local = LocalState::open(&home.join("state.redb"))?;
+        let host_id = host_id(home)?;
+        let engine = Self {
+            settings,
+            home: home.to_path_buf(),
+            host_id,
+            rados,
+            ioctx,
+            store,
+            mapper,
+            runner,
+            local,
+            locks: LayerLocks::default(),
+        };
+        engine.recover();
+        Ok(engine)
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// This host's id (stable across restarts, kept in `<home>/host-id`).
+    pub fn host_id(&self) -> &str {
+        &self.host_id
+    }
+
+    /// The driver's Home.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// The mapper in use.
+    pub fn mapper(&self) -> &Mapper {
+        &self.mapper
+    }
+
+    /// The metadata store.
+    pub fn store(&self) -> &metadata::Store {
+        &self.store
+    }
+
+    /// The cluster handle.
+    pub fn rados(&self) -> &Rados {
+        &self.rados
+    }
+
+    /// Startup recovery: adopt or clean up local mounts, then finish or
+    /// roll back layer changes this host left in flight. Problems are
+    /// logged, never fatal: a layer that cannot be recovered stays as it is
+    /// for `docker-rbd fsck` to report.
+    pub fn recover(&self) {
+        self.recover_mounts();
+        self.recover_layers();
+    }
+
+    fn parse(id: &str) -> Result<LayerId> {
+        Ok(LayerId::parse(id)?)
+    }
+}
+
+/// RBD keeps images of a RADOS namespace only once the namespace is
+/// registered in the pool (`rbd namespace create`); the first daemon of a
+/// fleet registers it.
+fn ensure_namespace(rados: &Rados, pool: &str, namespace: &str) -> Result<()> {
+    let pool_ctx = rados.ioctx(pool, None).map_err(connect_err(pool))?;
+    if ceph_client::rbd::namespace_exists(&pool_ctx, namespace)
+        .map_err(ceph("namespace lookup", namespace))?
+    {
+        return Ok(());
+    }
+    match ceph_client::rbd::namespace_create(&pool_ctx, namespace) {
+        Ok(()) => {
+            tracing::info!(pool, namespace, "registered the RBD namespace");
+            Ok(())
+        }
+        Err(e) if e.is_exists() => Ok(()),
+        Err(e) => Err(ceph("namespace create", namespace)(e)),
+    }
+}
+
+/// Reads this host's id from `<home>/host-id`, making one on first use:
+/// the host name plus random hex, so ids stay unique when names repeat.
+fn host_id(home: &Path) -> Result<String> {
+    let path = home.join("host-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("read", &path)(e)),
+    }
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "host".to_string());
+    let mut random = [0u8; 4];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .map_err(io("read", Path::new("/dev/urandom")))?;
+    let id = format!(
+        "{}-{}",
+        hostname
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            })
+            .collect::<String>(),
+        random
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let tmp = home.join("host-id.tmp");
+    std::fs::write(&tmp, &id).map_err(io("write", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
+    Ok(id)
+}
+
+pub(crate) fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

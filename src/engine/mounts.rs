@@ -1,0 +1,369 @@
+//! `get`/`put`: layers mapped, mounted and reference-counted on this host.
+//!
+//! A layer is mounted at `<home>/mnt/<id>` and Docker gets
+//! `<home>/mnt/<id>/rootfs`, the same path on every call. Each step is
+//! recorded in the local state before it is taken (`Mapping`, then
+//! `Mounting` with the device, then `Mounted` with the count), so after a
+//! crash [`Engine::recover_mounts`] knows exactly what may exist: a
+//! `Mounted` layer whose mount and device are still there is adopted with
+//! its count (a running container keeps running, and its later `Put`s
+//! balance); anything else is unmounted and unmapped.
+
+use std::path::PathBuf;
+
+use metadata::LayerState;
+use serde::{Deserialize, Serialize};
+
+use super::{Engine, EngineError, Result, fs_err, mapper_err};
+use crate::fs::{self, MountSpec};
+use crate::localstate::Table;
+use crate::mapper::{MapRequest, MappedDevice};
+use crate::names::LayerId;
+
+/// Where a layer's mount is in its life on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountState {
+    /// The device is being mapped.
+    Mapping,
+    /// The device is mapped and being mounted.
+    Mounting,
+    /// Mounted and handed out `refcount` times.
+    Mounted,
+}
+
+/// One layer's mount on this host (local state table `mounts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRecord {
+    /// Schema version.
+    pub v: u32,
+    /// Progress.
+    pub state: MountState,
+    /// Outstanding `get`s.
+    pub refcount: u32,
+    /// The RBD image.
+    pub image: String,
+    /// Mapped and mounted read-only.
+    pub read_only: bool,
+    /// The mapping, once made.
+    pub device: Option<MappedDevice>,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+}
+
+/// The local state table of mounts, keyed by layer id.
+pub const MOUNTS: Table<MountRecord> = Table::new("mounts");
+
+impl Engine {
+    fn mountpoint(&self, id: &LayerId) -> PathBuf {
+        self.home.join("mnt").join(id.as_str())
+    }
+
+    /// Mounts the layer (or counts one more user) and returns its root.
+    #[tracing::instrument(skip(self))]
+    pub fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf> {
+        let id = Self::parse(id)?;
+        let _held = self.locks.lock(&[id.as_str()]);
+        self.get_locked(&id, mount_label, false)
+    }
+
+    /// Releases one `get`; the last one unmounts and unmaps. Releasing a
+    /// layer that is not mounted succeeds.
+    #[tracing::instrument(skip(self))]
+    pub fn put(&self, id: &str) -> Result<()> {
+        let id = Self::parse(id)?;
+        let _held = self.locks.lock(&[id.as_str()]);
+        let Some(mut m) = self.local.get(&MOUNTS, id.as_str())? else {
+            tracing::warn!("put of a layer that is not mounted");
+            return Ok(());
+        };
+        if m.state == MountState::Mounted && m.refcount > 1 {
+            m.refcount -= 1;
+            self.local.put(&MOUNTS, id.as_str(), &m)?;
+            return Ok(());
+        }
+        self.release(&id, &m)
+    }
+
+    /// The local mount record of a layer.
+    pub fn mount_record(&self, id: &str) -> Result<Option<MountRecord>> {
+        let id = Self::parse(id)?;
+        Ok(self.local.get(&MOUNTS, id.as_str())?)
+    }
+
+    /// `get` with the layer's lock held. `creating` allows a layer still
+    /// being created (for the size step of `create`).
+    pub(crate) fn get_locked(
+        &self,
+        id: &LayerId,
+        mount_label: &str,
+        creating: bool,
+    ) -> Result<PathBuf> {
+        let mountpoint = self.mountpoint(id);
+        let rootfs = mountpoint.join("rootfs");
+        if let Some(mut m) = self.local.get(&MOUNTS, id.as_str())? {
+            if m.state == MountState::Mounted {
+                m.refcount += 1;
+                self.local.put(&MOUNTS, id.as_str(), &m)?;
+                return Ok(rootfs);
+            }
+            tracing::warn!(state = ?m.state, "clearing a half-made mount");
+            self.release(id, &m)?;
+        }
+        let rec = self
+            .store
+            .layers()
+            .get(id.as_str())?
+            .ok_or_else(|| EngineError::NotFound {
+                layer: id.to_string(),
+            })?
+            .value;
+        let usable =
+            rec.state == LayerState::Created || (creating && rec.state == LayerState::Creating);
+        if !usable {
+            return Err(EngineError::Conflict {
+                layer: id.to_string(),
+                reason: format!("cannot be mounted in state {:?}", rec.state),
+            });
+        }
+        let mut m = MountRecord {
+            v: 1,
+            state: MountState::Mapping,
+            refcount: 0,
+            image: rec.image.clone(),
+            read_only: rec.sealed,
+            device: None,
+            mountpoint: mountpoint.clone(),
+        };
+        self.local.put(&MOUNTS, id.as_str(), &m)?;
+        let mut request = MapRequest::new(
+            self.settings.pool.clone(),
+            self.namespace(),
+            rec.image.clone(),
+        );
+        request.read_only = rec.sealed;
+        let mapped = match self.mapper.map(&request) {
+            Ok(mapped) => mapped,
+            Err(source) => {
+                self.local.remove(&MOUNTS, id.as_str())?;
+                return Err(mapper_err("map", id)(source));
+            }
+        };
+        m.state = MountState::Mounting;
+        m.device = Some(mapped.clone());
+        self.local.put(&MOUNTS, id.as_str(), &m)?;
+        let spec = MountSpec {
+            fs: self.settings.fs,
+            read_only: rec.sealed,
+            label: mount_label.to_string(),
+            project_quota: rec.quota.is_some(),
+        };
+        let mounted = fs::mount(&mapped.device, &mountpoint, &spec)
+            .map_err(fs_err("mount", id))
+            .and_then(|()| {
+                if rootfs.is_dir() {
+                    Ok(())
+                } else {
+                    Err(EngineError::Conflict {
+                        layer: id.to_string(),
+                        reason: "its filesystem has no rootfs directory (not made by docker-rbd?)"
+                            .into(),
+                    })
+                }
+            });
+        if let Err(e) = mounted {
+            if let Err(undo) = self.release(id, &m) {
+                tracing::error!(error = %undo, "undoing a failed mount failed");
+            }
+            return Err(e);
+        }
+        m.state = MountState::Mounted;
+        m.refcount = 1;
+        self.local.put(&MOUNTS, id.as_str(), &m)?;
+        tracing::info!(device = %mapped.device.display(), read_only = rec.sealed, "layer mounted");
+        Ok(rootfs)
+    }
+
+    /// Unmounts and unmaps whatever `m` says exists, then forgets it.
+    fn release(&self, id: &LayerId, m: &MountRecord) -> Result<()> {
+        if fs::is_mounted(&m.mountpoint) {
+            fs::umount(&m.mountpoint).map_err(fs_err("umount", id))?;
+        }
+        if let Some(device) = &m.device {
+            self.mapper.unmap(device).map_err(mapper_err("unmap", id))?;
+        }
+        self.local.remove(&MOUNTS, id.as_str())?;
+        // Empty once unmounted; leaving the directory behind is harmless.
+        let _ = std::fs::remove_dir(&m.mountpoint);
+        tracing::info!(layer = %id, "layer unmounted");
+        Ok(())
+    }
+
+    /// Drops this host's mount of a layer whatever its count (the layer is
+    /// being removed). `warn` logs when something was still mounted.
+    pub(crate) fn release_local(&self, id: &LayerId, warn: bool) -> Result<()> {
+        if let Some(m) = self.local.get(&MOUNTS, id.as_str())? {
+            if warn && m.refcount > 0 {
+                tracing::warn!(layer = %id, refcount = m.refcount, "removing a layer that is still mounted");
+            }
+            self.release(id, &m)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a layer is mounted writable here, and if so freezes it.
+    pub(crate) fn freeze_if_mounted_writable(&self, id: &LayerId) -> Result<Option<fs::Frozen>> {
+        match self.local.get(&MOUNTS, id.as_str())? {
+            Some(m) if m.state == MountState::Mounted && !m.read_only => {
+                tracing::info!(layer = %id, "freezing a writable mount for a consistent snapshot");
+                fs::freeze(&m.mountpoint)
+                    .map(Some)
+                    .map_err(fs_err("freeze", id))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Grows an xfs layer being created to its (already grown) image.
+    pub(crate) fn grow_xfs_layer(&self, id: &LayerId, mount_label: &str) -> Result<()> {
+        self.while_mounted(id, mount_label, |_, mountpoint, _| {
+            fs::grow_xfs(self.runner.as_ref(), mountpoint)
+        })
+    }
+
+    /// Limits a layer being created to `bytes` with a project quota on its
+    /// root.
+    pub(crate) fn quota_layer(&self, id: &LayerId, bytes: u64, mount_label: &str) -> Result<()> {
+        self.while_mounted(id, mount_label, |device, _, rootfs| {
+            fs::set_project_quota(device, rootfs, bytes)
+        })
+    }
+
+    /// Resizes the ext4 filesystem of a layer being created (never mounted
+    /// yet) to `bytes`, or to fill its image; a caller shrinking the layer
+    /// shrinks the image afterwards, one growing it before.
+    pub(crate) fn resize_ext4_layer(
+        &self,
+        id: &LayerId,
+        image: &str,
+        bytes: Option<u64>,
+    ) -> Result<()> {
+        let request = MapRequest::new(
+            self.settings.pool.clone(),
+            self.namespace(),
+            image.to_string(),
+        );
+        let mapped = self.mapper.map(&request).map_err(mapper_err("map", id))?;
+        let shrunk = fs::resize_offline(self.runner.as_ref(), &mapped.device, bytes)
+            .map_err(fs_err("resize", id));
+        let unmapped = self.mapper.unmap(&mapped).map_err(mapper_err("unmap", id));
+        shrunk.and(unmapped)
+    }
+
+    /// Mounts a layer being created, runs `f(device, mountpoint, rootfs)`,
+    /// and unmounts it again.
+    fn while_mounted(
+        &self,
+        id: &LayerId,
+        mount_label: &str,
+        f: impl FnOnce(&std::path::Path, &std::path::Path, &std::path::Path) -> Result<(), fs::FsError>,
+    ) -> Result<()> {
+        let rootfs = self.get_locked(id, mount_label, true)?;
+        let result = (|| {
+            let m = self
+                .local
+                .get(&MOUNTS, id.as_str())?
+                .ok_or_else(|| EngineError::NotFound {
+                    layer: id.to_string(),
+                })?;
+            let device = m.device.as_ref().map(|d| d.device.clone()).ok_or_else(|| {
+                EngineError::NotFound {
+                    layer: id.to_string(),
+                }
+            })?;
+            f(&device, &m.mountpoint, &rootfs).map_err(fs_err("resize", id))
+        })();
+        let put = self.put_locked(id);
+        result.and(put)
+    }
+
+    fn put_locked(&self, id: &LayerId) -> Result<()> {
+        match self.local.get(&MOUNTS, id.as_str())? {
+            Some(mut m) if m.state == MountState::Mounted && m.refcount > 1 => {
+                m.refcount -= 1;
+                self.local.put(&MOUNTS, id.as_str(), &m)?;
+                Ok(())
+            }
+            Some(m) => self.release(id, &m),
+            None => Ok(()),
+        }
+    }
+
+    /// Startup: adopt mounts that survived, clear the rest.
+    pub(crate) fn recover_mounts(&self) {
+        let rows = match self.local.list(&MOUNTS) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read local mount state");
+                return;
+            }
+        };
+        for (key, row) in rows {
+            let Ok(id) = LayerId::parse(&key) else {
+                tracing::warn!(%key, "dropping a mount record with an invalid id");
+                let _ = self.local.remove(&MOUNTS, &key);
+                continue;
+            };
+            let m = match row {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(layer = %id, error = %e, "dropping an unreadable mount record");
+                    let _ = self.local.remove(&MOUNTS, &key);
+                    continue;
+                }
+            };
+            if m.state == MountState::Mounted && self.still_mounted(&m) {
+                tracing::info!(layer = %id, refcount = m.refcount, "adopted a mount left by the previous daemon");
+                continue;
+            }
+            tracing::warn!(layer = %id, state = ?m.state, "clearing a stale mount");
+            if let Err(e) = self.release(&id, &m) {
+                tracing::error!(layer = %id, error = %e, "clearing a stale mount failed");
+            }
+        }
+    }
+
+    fn still_mounted(&self, m: &MountRecord) -> bool {
+        let Some(device) = &m.device else {
+            return false;
+        };
+        if !fs::is_mounted(&m.mountpoint) {
+            return false;
+        }
+        if fs::mount_source(&m.mountpoint).as_deref() != Some(device.device.as_path()) {
+            return false;
+        }
+        match self.mapper.adopt(device) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(device = %device.device.display(), error = %e, "mapping did not survive");
+                false
+            }
+        }
+    }
+
+    /// Every mount record on this host.
+    pub fn mounts(&self) -> Result<Vec<(String, MountRecord)>> {
+        Ok(self
+            .local
+            .list(&MOUNTS)?
+            .into_iter()
+            .filter_map(|(k, r)| r.ok().map(|r| (k, r)))
+            .collect())
+    }
+
+    /// The rootfs path of a layer (whether or not mounted).
+    pub fn rootfs_path(&self, id: &LayerId) -> PathBuf {
+        self.mountpoint(id).join("rootfs")
+    }
+}

@@ -1,0 +1,478 @@
+//! The layer engine against a real Ceph cluster, with the fuse mapper and
+//! real mounts. Needs root, /dev/fuse and loop devices; skipped (not failed)
+//! when run bare without them, failed under scripts/test.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::Arc;
+
+use ceph_client::rbd::{self, Image};
+use ceph_client::{ConnectConfig, IoCtx, Rados};
+use docker_rbd::config::{RawSettings, Settings, Source};
+use docker_rbd::engine::{CreateOptions, Engine, EngineError};
+use docker_rbd::mapper::fuse::HelperCommand;
+use metadata::{LayerKind, LayerRecord, LayerState};
+
+fn fuse_helper() -> HelperCommand {
+    HelperCommand::binary(env!("CARGO_BIN_EXE_docker-rbd-fuse"))
+}
+
+fn hex(n: u32) -> String {
+    format!("{n:064x}")
+}
+
+struct Fixture {
+    settings: Settings,
+    home: tempfile::TempDir,
+    ioctx: Arc<IoCtx>,
+    _rados: Rados,
+}
+
+impl Fixture {
+    fn new(test: &str, extra: &[(&str, &str)]) -> Option<Self> {
+        let ceph = testkit::ceph::require(test)?;
+        for missing in [
+            testkit::require::root(),
+            testkit::require::path("/dev/fuse"),
+            testkit::require::path("/dev/loop-control"),
+        ] {
+            if !testkit::require::check(test, missing) {
+                return None;
+            }
+        }
+        let namespace = testkit::ceph::unique_namespace(test);
+        let mut raw = RawSettings::default();
+        for (k, v) in [
+            ("conf", ceph.conf.display().to_string()),
+            ("id", ceph.id.clone()),
+            ("keyring", ceph.keyring.display().to_string()),
+            ("pool", ceph.pool.clone()),
+            ("namespace", namespace.clone()),
+            ("mapper", "fuse".to_string()),
+            ("basesize", "256M".to_string()),
+        ] {
+            raw.set(k, &v, Source::Flag);
+        }
+        for (k, v) in extra {
+            raw.set(k, v, Source::Flag);
+        }
+        let settings = raw.resolve().expect("test settings");
+        let rados = Rados::connect(&ConnectConfig {
+            conf: Some(ceph.conf.clone()),
+            id: Some(ceph.id.clone()),
+            keyring: Some(ceph.keyring.clone()),
+            ..ConnectConfig::default()
+        })
+        .expect("connect");
+        let ioctx = Arc::new(rados.ioctx(&ceph.pool, Some(&namespace)).expect("ioctx"));
+        Some(Self {
+            settings,
+            home: tempfile::tempdir().expect("tempdir"),
+            ioctx,
+            _rados: rados,
+        })
+    }
+
+    fn engine(&self) -> Engine {
+        self.engine_at(self.home.path())
+    }
+
+    fn engine_at(&self, home: &std::path::Path) -> Engine {
+        Engine::open_with(self.settings.clone(), home, fuse_helper()).expect("engine opens")
+    }
+
+    fn images(&self) -> BTreeSet<String> {
+        rbd::list(&self.ioctx)
+            .expect("list images")
+            .into_iter()
+            .map(|i| i.name)
+            .collect()
+    }
+
+    fn record(&self, engine: &Engine, id: &str) -> Option<LayerRecord> {
+        engine
+            .store()
+            .layers()
+            .get(id)
+            .expect("read record")
+            .map(|v| v.value)
+    }
+}
+
+impl Drop for Fixture {
+    /// Unmounts whatever a failed test left mounted, then removes every
+    /// image of the test's namespace (clones before parents) and its
+    /// metadata objects.
+    fn drop(&mut self) {
+        let mnt = self.home.path().join("mnt");
+        if let Ok(entries) = std::fs::read_dir(&mnt) {
+            for entry in entries.flatten() {
+                let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        if let Ok(engine) =
+            Engine::open_with(self.settings.clone(), self.home.path(), fuse_helper())
+        {
+            for (id, _) in engine.mounts().unwrap_or_default() {
+                let _ = engine.put(&id);
+                while engine.mount_record(&id).ok().flatten().is_some() {
+                    if engine.put(&id).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        for _ in 0..10 {
+            let images = self.images();
+            if images.is_empty() {
+                break;
+            }
+            for name in images {
+                if let Ok(img) = Image::open(&self.ioctx, &name, None) {
+                    for snap in img.snap_list().unwrap_or_default() {
+                        let _ = img.snap_remove(&snap.name);
+                    }
+                }
+                let _ = rbd::remove(&self.ioctx, &name);
+            }
+        }
+        let prefix = self.settings.naming.prefix();
+        for object in ["layers", "hosts", "base.lock"] {
+            let _ = self.ioctx.remove(&format!("{prefix}{object}"));
+        }
+        if let Ok(pool) = self._rados.ioctx(self.ioctx.pool_name(), None) {
+            let _ = rbd::namespace_remove(&pool, &self.settings.namespace);
+        }
+    }
+}
+
+fn image_layer() -> CreateOptions {
+    CreateOptions {
+        kind: LayerKind::Image,
+        size: None,
+        mount_label: String::new(),
+    }
+}
+
+fn rw_layer(size: Option<u64>) -> CreateOptions {
+    CreateOptions {
+        kind: LayerKind::ReadWrite,
+        size,
+        mount_label: String::new(),
+    }
+}
+
+#[test]
+fn layers_clone_their_parent_and_seal_it() {
+    let Some(fx) = Fixture::new("layers_clone_their_parent_and_seal_it", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let (l1, l2) = (hex(1), hex(2));
+
+    engine.create(&l1, "", &image_layer()).unwrap();
+    let root = engine.get(&l1, "").unwrap();
+    assert_eq!(root, fx.home.path().join("mnt").join(&l1).join("rootfs"));
+    let meta = std::fs::metadata(&root).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
+    assert_eq!((meta.uid(), meta.gid()), (0, 0));
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        0,
+        "a new layer is empty"
+    );
+    std::fs::write(root.join("hello"), b"from layer one").unwrap();
+    engine.put(&l1).unwrap();
+    assert!(!docker_rbd::fs::is_mounted(root.parent().unwrap()));
+
+    engine.create(&l2, &l1, &image_layer()).unwrap();
+    assert!(fx.record(&engine, &l1).unwrap().sealed);
+    let r1 = fx.record(&engine, &l2).unwrap();
+    assert_eq!(r1.parent.as_deref(), Some(l1.as_str()));
+    assert_eq!(r1.state, LayerState::Created);
+    assert_eq!(r1.depth, 1);
+
+    let child = engine.get(&l2, "").unwrap();
+    assert_eq!(
+        std::fs::read(child.join("hello")).unwrap(),
+        b"from layer one"
+    );
+    std::fs::write(child.join("hello"), b"changed in two").unwrap();
+
+    let parent = engine.get(&l1, "").unwrap();
+    assert_eq!(
+        std::fs::read(parent.join("hello")).unwrap(),
+        b"from layer one"
+    );
+    let err = std::fs::write(parent.join("new"), b"x").unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EROFS),
+        "sealed layers mount read-only"
+    );
+    engine.put(&l1).unwrap();
+    engine.put(&l2).unwrap();
+
+    engine.remove(&l2).unwrap();
+    engine.remove(&l1).unwrap();
+    let left: Vec<String> = fx
+        .images()
+        .into_iter()
+        .filter(|i| !i.contains(".base."))
+        .collect();
+    assert!(left.is_empty(), "images left: {left:?}");
+    assert!(engine.list().unwrap().is_empty());
+}
+
+#[test]
+fn removing_a_parent_first_retires_it_until_its_clone_goes() {
+    let Some(fx) = Fixture::new("removing_a_parent_first_retires_it", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let (l1, l2) = (hex(11), hex(12));
+    engine.create(&l1, "", &image_layer()).unwrap();
+    engine.create(&l2, &l1, &image_layer()).unwrap();
+    engine.remove(&l1).unwrap();
+    assert_eq!(fx.record(&engine, &l1).unwrap().state, LayerState::Retired);
+    assert!(!engine.exists(&l1).unwrap());
+    assert!(
+        fx.images().contains(
+            &fx.settings
+                .naming
+                .layer_image(&docker_rbd::names::LayerId::parse(&l1).unwrap())
+        )
+    );
+    engine.remove(&l2).unwrap();
+    assert!(
+        engine.list().unwrap().is_empty(),
+        "the retired parent went with its last clone"
+    );
+    assert_eq!(
+        fx.images().len(),
+        1,
+        "only the base image is left: {:?}",
+        fx.images()
+    );
+}
+
+#[test]
+fn create_and_remove_are_idempotent_and_validate_ids() {
+    let Some(fx) = Fixture::new("create_and_remove_are_idempotent", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let l1 = hex(21);
+    engine.create(&l1, "", &image_layer()).unwrap();
+    engine.create(&l1, "", &image_layer()).unwrap();
+    let err = engine.create(&l1, &hex(99), &image_layer()).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    engine.remove(&hex(77)).unwrap();
+    engine.remove(&l1).unwrap();
+    engine.remove(&l1).unwrap();
+    for bad in ["", "../etc", "ABC", &format!("{}x", hex(1))] {
+        let err = engine.create(bad, "", &image_layer()).unwrap_err();
+        assert!(matches!(err, EngineError::InvalidId(_)), "{bad}: {err}");
+    }
+    let err = engine
+        .create(&hex(22), &hex(404), &image_layer())
+        .unwrap_err();
+    assert!(matches!(err, EngineError::NotFound { .. }), "{err}");
+    assert!(
+        engine.list().unwrap().is_empty(),
+        "a failed create leaves no record"
+    );
+}
+
+#[test]
+fn get_and_put_are_reference_counted() {
+    let Some(fx) = Fixture::new("get_and_put_are_reference_counted", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let l1 = hex(31);
+    engine.create(&l1, "", &image_layer()).unwrap();
+    let a = engine.get(&l1, "").unwrap();
+    let b = engine.get(&l1, "").unwrap();
+    assert_eq!(a, b);
+    assert_eq!(engine.mount_record(&l1).unwrap().unwrap().refcount, 2);
+    engine.put(&l1).unwrap();
+    assert!(docker_rbd::fs::is_mounted(a.parent().unwrap()));
+    engine.put(&l1).unwrap();
+    assert!(!docker_rbd::fs::is_mounted(a.parent().unwrap()));
+    assert!(engine.mount_record(&l1).unwrap().is_none());
+    engine.put(&l1).unwrap();
+    engine.remove(&l1).unwrap();
+}
+
+#[test]
+fn a_restarted_engine_adopts_live_mounts() {
+    let Some(fx) = Fixture::new("a_restarted_engine_adopts_live_mounts", &[]) else {
+        return;
+    };
+    let l1 = hex(41);
+    let root = {
+        let engine = fx.engine();
+        engine.create(&l1, "", &rw_layer(None)).unwrap();
+        let root = engine.get(&l1, "").unwrap();
+        std::fs::write(root.join("data"), b"written before the crash").unwrap();
+        root
+        // The engine goes away without a put, as a killed daemon would.
+    };
+    let engine = fx.engine();
+    let m = engine.mount_record(&l1).unwrap().expect("mount adopted");
+    assert_eq!(m.refcount, 1);
+    assert_eq!(
+        std::fs::read(root.join("data")).unwrap(),
+        b"written before the crash"
+    );
+    engine.put(&l1).unwrap();
+    assert!(!docker_rbd::fs::is_mounted(root.parent().unwrap()));
+    engine.remove(&l1).unwrap();
+}
+
+#[test]
+fn a_restarted_engine_rolls_back_an_interrupted_create() {
+    let Some(fx) = Fixture::new("rolls_back_an_interrupted_create", &[]) else {
+        return;
+    };
+    let l1 = hex(51);
+    let engine = fx.engine();
+    engine.create(&l1, "", &image_layer()).unwrap();
+    // Fake a crash between "record Creating" and "record Created".
+    engine
+        .store()
+        .layers()
+        .modify(&l1, |r| r.state = LayerState::Creating)
+        .unwrap();
+    drop(engine);
+    let engine = fx.engine();
+    assert!(fx.record(&engine, &l1).is_none(), "record rolled back");
+    assert_eq!(fx.images().len(), 1, "image rolled back: {:?}", fx.images());
+}
+
+#[test]
+fn size_option_grows_or_limits_the_layer() {
+    let Some(fx) = Fixture::new("size_option_grows_or_limits_the_layer", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let (big, small) = (hex(61), hex(62));
+
+    engine.create(&big, "", &rw_layer(Some(512 << 20))).unwrap();
+    assert_eq!(fx.record(&engine, &big).unwrap().size, 512 << 20);
+    let root = engine.get(&big, "").unwrap();
+    let stat = nix::sys::statvfs::statvfs(&root).unwrap();
+    let total = stat.blocks() * stat.fragment_size();
+    assert!(
+        total > 400 << 20,
+        "filesystem grown to the image: {total} bytes"
+    );
+    engine.put(&big).unwrap();
+
+    engine
+        .create(&small, "", &rw_layer(Some(32 << 20)))
+        .unwrap();
+    let root = engine.get(&small, "").unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let mut written = 0u64;
+    let err = loop {
+        let path = root.join(format!("f{}", written >> 20));
+        match std::fs::write(&path, &chunk).and_then(|()| std::fs::File::open(&path)?.sync_all()) {
+            Ok(()) => written += 1 << 20,
+            Err(e) => break e,
+        }
+        assert!(
+            written < 128 << 20,
+            "wrote {written} bytes past a 32 MiB limit"
+        );
+    };
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EDQUOT) | Some(libc::ENOSPC)),
+        "{err}"
+    );
+    // ext4 shrinks the layer's filesystem to the limit; its journal and
+    // metadata take a share of it.
+    assert!(
+        written >= 12 << 20 && written <= 32 << 20,
+        "stopped after {written} bytes"
+    );
+    assert_eq!(fx.record(&engine, &small).unwrap().size, 32 << 20);
+    engine.put(&small).unwrap();
+
+    let err = engine
+        .create(&hex(63), "", &rw_layer(Some(1 << 20)))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("below the 16 MiB minimum"),
+        "{err}"
+    );
+    engine.remove(&big).unwrap();
+    engine.remove(&small).unwrap();
+}
+
+#[test]
+fn deep_chains_are_flattened() {
+    let Some(fx) = Fixture::new("deep_chains_are_flattened", &[("flattendepth", "2")]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let ids: Vec<String> = (70..75).map(hex).collect();
+    let mut parent = String::new();
+    for id in &ids {
+        engine.create(id, &parent, &image_layer()).unwrap();
+        let root = engine.get(id, "").unwrap();
+        std::fs::write(root.join(format!("file-{}", &id[60..])), id.as_bytes()).unwrap();
+        engine.put(id).unwrap();
+        parent = id.clone();
+    }
+    let depths: Vec<u32> = ids
+        .iter()
+        .map(|id| fx.record(&engine, id).unwrap().depth)
+        .collect();
+    assert_eq!(depths, vec![0, 1, 2, 0, 1]);
+    let flattened =
+        Image::open_read_only(&fx.ioctx, &fx.record(&engine, &ids[3]).unwrap().image, None)
+            .unwrap();
+    assert!(
+        flattened.parent().unwrap().is_none(),
+        "depth 3 was flattened"
+    );
+    drop(flattened);
+    let last = engine.get(&ids[4], "").unwrap();
+    for id in &ids {
+        assert_eq!(
+            std::fs::read(last.join(format!("file-{}", &id[60..]))).unwrap(),
+            id.as_bytes()
+        );
+    }
+    engine.put(&ids[4]).unwrap();
+    for id in ids.iter().rev() {
+        engine.remove(id).unwrap();
+    }
+}
+
+#[test]
+fn two_daemons_racing_make_one_base_image() {
+    let Some(fx) = Fixture::new("two_daemons_racing_make_one_base_image", &[]) else {
+        return;
+    };
+    let other_home = tempfile::tempdir().unwrap();
+    let a = fx.engine();
+    let b = fx.engine_at(other_home.path());
+    std::thread::scope(|s| {
+        let ta = s.spawn(|| a.create(&hex(81), "", &image_layer()));
+        let tb = s.spawn(|| b.create(&hex(82), "", &image_layer()));
+        ta.join().unwrap().unwrap();
+        tb.join().unwrap().unwrap();
+    });
+    let bases: Vec<String> = fx
+        .images()
+        .into_iter()
+        .filter(|i| i.contains(".base."))
+        .collect();
+    assert_eq!(bases.len(), 1, "{bases:?}");
+    assert_ne!(a.host_id(), b.host_id());
+    a.remove(&hex(81)).unwrap();
+    b.remove(&hex(82)).unwrap();
+}
