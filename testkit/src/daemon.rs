@@ -45,6 +45,9 @@ impl Daemon {
         socket: &Path,
         timeout: Duration,
     ) -> Result<Daemon, String> {
+        for e in crate::sweep_orphans() {
+            eprintln!("testkit daemon: {e}");
+        }
         let scratch = crate::scratch_dir(&format!("daemon-{name}"))?;
         let log = scratch.path().join("daemon.log");
         let out = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
@@ -52,6 +55,10 @@ impl Daemon {
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let shown = format!("{cmd:?}");
         let child = cmd.spawn().map_err(|e| format!("spawn {shown}: {e}"))?;
+        // For the sweep, should this test process die without dropping us.
+        if let Some(token) = crate::scratch::process_token(child.id() as i32) {
+            let _ = std::fs::write(scratch.path().join(crate::scratch::PROCESS_FILE), token);
+        }
         let mut d = Daemon {
             name: name.to_string(),
             child: Some(child),

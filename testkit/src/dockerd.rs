@@ -45,10 +45,6 @@ use serde_json::{Map, Value};
 use crate::host::Host;
 use crate::{mounts, process};
 
-/// In an instance's directory: `"<pid> <start time>"` of the test process
-/// that owns it ([`sweep_orphans`]).
-const OWNER_FILE: &str = "owner";
-
 /// The docker CLI the tests use: Debian's 20.10, matching the daemon
 /// (`/usr/local/bin/docker`, first on PATH, is 28.x).
 pub const DOCKER_CLI: &str = "/usr/bin/docker";
@@ -178,33 +174,12 @@ impl Dockerd {
     /// configured storage driver. On failure everything is cleaned up and
     /// the error includes dockerd's log.
     pub fn start(cfg: DockerdConfig) -> Result<Dockerd, String> {
-        for e in sweep_orphans() {
+        for e in crate::sweep_orphans() {
             eprintln!("testkit dockerd: {e}");
         }
-        let root = crate::scratch_root()?;
-        let prefix: String = cfg
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .take(24)
-            .collect();
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{prefix}-"))
-            .tempdir_in(&root)
-            .map_err(|e| format!("scratch dir in {}: {e}", root.display()))?
-            .keep();
-        let base = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let dir = crate::scratch_dir(&cfg.name)?.keep();
         let mut d = Dockerd {
-            cgroup_parent: format!("/docker-rbd-testkit-{base}"),
+            cgroup_parent: cgroup_parent_for(&dir),
             cfg,
             dir,
             child: None,
@@ -219,10 +194,6 @@ impl Dockerd {
     }
 
     fn prepare(&mut self) -> Result<(), String> {
-        let me = std::process::id() as i32;
-        let token = process_token(me).ok_or("cannot read this process's start time")?;
-        std::fs::write(self.dir.join(OWNER_FILE), token)
-            .map_err(|e| format!("write owner: {e}"))?;
         for sub in ["data", "exec", "cli"] {
             std::fs::create_dir_all(self.dir.join(sub)).map_err(|e| format!("mkdir: {e}"))?;
         }
@@ -793,63 +764,31 @@ fn reap(
     errors
 }
 
-/// `"<pid> <start time>"` of a live process: names it across pid reuse.
-fn process_token(pid: i32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let start = stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(19)?
-        .to_string();
-    process::is_live(pid).then(|| format!("{pid} {start}"))
+/// Whether `dir` is the directory of a dockerd instance.
+pub(crate) fn is_instance_dir(dir: &Path) -> bool {
+    dir.join("daemon.json").is_file() && dir.join("exec").is_dir()
 }
 
-/// Cleans up after test processes that died without dropping their
-/// [`Dockerd`] (a test run killed by SIGKILL): for every instance directory
-/// under [`crate::scratch_root`] whose owning test process is gone, ends its
-/// dockerd, containerd, shims and container processes (each checked to have
-/// been started for that directory), unmounts what it left, removes its
-/// cgroups and the directory. [`Dockerd::start`] calls it; returns what could
-/// not be cleaned.
-pub fn sweep_orphans() -> Vec<String> {
-    let Ok(root) = crate::scratch_root() else {
-        return Vec::new();
-    };
-    let Ok(entries) = std::fs::read_dir(&root) else {
-        return Vec::new();
-    };
-    let mut errors = Vec::new();
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        let Ok(owner) = std::fs::read_to_string(dir.join(OWNER_FILE)) else {
-            continue;
-        };
-        let owner = owner.trim();
-        let pid = owner.split(' ').next().and_then(|p| p.parse::<i32>().ok());
-        if pid.and_then(process_token).as_deref() == Some(owner) {
-            continue;
+/// Ends and unmounts what an orphaned instance left ([`crate::sweep_orphans`])
+/// and removes its cgroups; the caller removes the directory.
+pub(crate) fn reap_orphan(dir: &Path) -> Vec<String> {
+    let parent = cgroup_parent_for(dir);
+    let mut errors = reap(dir, None, &parent, None, false);
+    for cg in cgroup_dirs(&parent) {
+        if let Err(e) = remove_cgroup_tree(&cg) {
+            errors.push(e);
         }
-        let base = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let cgroup_parent = format!("/docker-rbd-testkit-{base}");
-        let mut errs = reap(&dir, None, &cgroup_parent, None, false);
-        for cg in cgroup_dirs(&cgroup_parent) {
-            if let Err(e) = remove_cgroup_tree(&cg) {
-                errs.push(e);
-            }
-        }
-        if errs.is_empty()
-            && let Err(e) = remove_tree(&dir)
-        {
-            errs.push(e);
-        }
-        errors.extend(
-            errs.into_iter()
-                .map(|e| format!("orphan {}: {e}", dir.display())),
-        );
     }
     errors
+}
+
+/// `--cgroup-parent` of the instance in `dir`.
+fn cgroup_parent_for(dir: &Path) -> String {
+    let base = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("/docker-rbd-testkit-{base}")
 }
 
 /// Removes a directory tree, first clearing the immutable and append-only

@@ -12,6 +12,8 @@
 //!   `docker save`-format multi-layer images with Docker's special entries).
 //! - [`daemon`]: a background daemon (a plugin server) started by a test,
 //!   ready when its socket answers, stopped by pid on drop.
+//! - [`scratch`]: scratch directories tagged with their owning test process,
+//!   and [`sweep_orphans`], which cleans up after killed test processes.
 //! - [`process`], [`mounts`], [`sha256`]: the pieces those are built from.
 
 pub mod ceph;
@@ -22,34 +24,12 @@ pub mod images;
 pub mod mounts;
 pub mod process;
 pub mod require;
+pub mod scratch;
 pub mod sha256;
 
-use std::path::PathBuf;
+pub use scratch::{scratch_dir, scratch_root, sweep_orphans};
+
 use std::sync::atomic::{AtomicU32, Ordering};
-
-/// The directory under which testkit puts every scratch directory it makes
-/// (`<tmp>/docker-rbd-testkit`, mode 0700). A [`host::Host`] detaches its
-/// copies of mounts under it, so put a test's mount points there too.
-pub fn scratch_root() -> Result<PathBuf, String> {
-    use std::os::unix::fs::DirBuilderExt;
-    let root = std::env::temp_dir().join("docker-rbd-testkit");
-    match std::fs::DirBuilder::new().mode(0o700).create(&root) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(format!("mkdir {}: {e}", root.display())),
-    }
-    root.canonicalize()
-        .map_err(|e| format!("{}: {e}", root.display()))
-}
-
-/// A fresh scratch directory under [`scratch_root`], removed on drop.
-pub fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir, String> {
-    let root = scratch_root()?;
-    tempfile::Builder::new()
-        .prefix(&format!("{prefix}-"))
-        .tempdir_in(&root)
-        .map_err(|e| format!("scratch dir in {}: {e}", root.display()))
-}
 
 /// A short name no other test (of this or another process) uses:
 /// `prefix` followed by lower-case hex. Use it for graphdriver plugin

@@ -451,7 +451,7 @@ fn orphans_of_a_killed_test_process_are_swept() {
     // The test process dies without dropping its Dockerd; dockerd lives on
     // until swept (here, or by another test's Dockerd::start).
     process::kill_child(&mut child).unwrap();
-    let errors = testkit::dockerd::sweep_orphans();
+    let errors = testkit::sweep_orphans();
     assert!(errors.is_empty(), "{errors:?}");
     assert_nothing_left(&dir, &pids);
 }

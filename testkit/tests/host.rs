@@ -68,3 +68,56 @@ fn daemon_that_exits_reports_its_log() {
         "{err}"
     );
 }
+
+/// Run by `orphaned_daemon_is_swept` in a child process: starts a daemon,
+/// reports its pid, and waits to be killed.
+#[test]
+fn orphan_daemon_helper() {
+    let Some(out) = std::env::var_os("TESTKIT_ORPHAN_DAEMON_OUT") else {
+        return;
+    };
+    let scratch = testkit::scratch_dir("tk-orphan-sock").unwrap();
+    let socket = scratch.path().join("l.sock");
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.args(["-c", LISTENER]).arg(&socket);
+    let d = Daemon::start("orphan", cmd, &socket, Duration::from_secs(20)).unwrap();
+    std::fs::write(&out, format!("{}\n", d.pid().unwrap())).unwrap();
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+fn orphaned_daemon_is_swept() {
+    let missing = testkit::require::root().or_else(|| testkit::require::path("/usr/bin/python3"));
+    if !testkit::require::check("orphaned_daemon_is_swept", missing) {
+        return;
+    }
+    let scratch = testkit::scratch_dir("tk-orphan-daemon").unwrap();
+    let report = scratch.path().join("report");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "orphan_daemon_helper", "--nocapture"])
+        .env("TESTKIT_ORPHAN_DAEMON_OUT", &report)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let pid: i32 = loop {
+        if let Ok(text) = std::fs::read_to_string(&report)
+            && let Ok(pid) = text.trim().parse()
+        {
+            break pid;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = process::kill_child(&mut child);
+            panic!("the helper did not report its daemon");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(process::is_live(pid));
+    process::kill_child(&mut child).unwrap();
+    assert_eq!(testkit::sweep_orphans(), Vec::<String>::new());
+    assert!(
+        process::wait_dead(pid, Duration::from_secs(5)),
+        "daemon {pid} survived the sweep"
+    );
+}
