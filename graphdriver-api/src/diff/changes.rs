@@ -78,6 +78,13 @@ impl LayerChange {
     }
 }
 
+impl From<&Change> for LayerChange {
+    /// From the wire form (for callers that hold `Change`s).
+    fn from(c: &Change) -> Self {
+        Self::new(&c.path, c.kind)
+    }
+}
+
 /// Why two trees could not be compared.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangesError {
