@@ -37,7 +37,9 @@ use nix::fcntl::{OFlag, openat, readlinkat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat};
 use tracing::{debug, warn};
 
-use super::confine::{Root, file_type, is_dir, lstat_at, open_subdir, read_names, read_xattrs};
+use super::confine::{
+    Root, Xattrs, file_type, is_dir, lstat_at, open_subdir, read_names, read_xattrs,
+};
 use crate::types::{Change, ChangeKind};
 
 /// One change, with the path as raw bytes: absolute inside the layer
@@ -397,26 +399,46 @@ fn differs(
     {
         return Ok(true);
     }
+    // An entry that vanishes while we look (a running container) counts as
+    // changed; the export then skips it if it is really gone.
+    let gone = |e: &Errno| matches!(e, Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP);
     if file_type(nst) == SFlag::S_IFLNK {
-        let new_target = readlinkat(new_parent, name).map_err(|e| walk_err("layer", path, e))?;
-        let old_target = readlinkat(old_parent, name).map_err(|e| walk_err("parent", path, e))?;
-        if new_target != old_target {
-            return Ok(true);
+        let targets = readlinkat(new_parent, name)
+            .map_err(|e| ("layer", e))
+            .and_then(|n| {
+                readlinkat(old_parent, name)
+                    .map(|o| (n, o))
+                    .map_err(|e| ("parent", e))
+            });
+        match targets {
+            Ok((n, o)) if n != o => return Ok(true),
+            Ok(_) => {}
+            Err((_, e)) if gone(&e) => return Ok(true),
+            Err((which, e)) => return Err(walk_err(which, path, e)),
         }
     }
-    let xattrs = |dir: BorrowedFd<'_>, which: &'static str| {
-        let fd = openat(
-            dir,
-            name,
-            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| walk_err(which, path, e))?;
-        read_xattrs(fd.as_fd()).map_err(|e| ChangesError::Walk {
-            which,
-            path: String::from_utf8_lossy(path).into_owned(),
-            source: e,
-        })
-    };
-    Ok(xattrs(new_parent, "layer")? != xattrs(old_parent, "parent")?)
+    let xattrs =
+        |dir: BorrowedFd<'_>, which: &'static str| -> Result<Option<Xattrs>, ChangesError> {
+            let fd = match openat(
+                dir,
+                name,
+                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                Err(e) if gone(&e) => return Ok(None),
+                Err(e) => return Err(walk_err(which, path, e)),
+            };
+            read_xattrs(fd.as_fd())
+                .map(Some)
+                .map_err(|e| ChangesError::Walk {
+                    which,
+                    path: String::from_utf8_lossy(path).into_owned(),
+                    source: e,
+                })
+        };
+    match (xattrs(new_parent, "layer")?, xattrs(old_parent, "parent")?) {
+        (Some(n), Some(o)) => Ok(n != o),
+        _ => Ok(true),
+    }
 }

@@ -309,10 +309,13 @@ pub(crate) fn remove_all_at(dir: BorrowedFd<'_>, name: &CStr, dev: u64) -> Resul
     }
 }
 
+/// Xattrs as (name, value) pairs, sorted by name.
+pub(crate) type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Lists the xattrs of the object `fd` refers to (any type, `O_PATH` fds
 /// included), skipping `security.selinux`: that label comes from the mount
 /// (`context=`), not from the layer.
-pub(crate) fn read_xattrs(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+pub(crate) fn read_xattrs(fd: BorrowedFd<'_>) -> io::Result<Xattrs> {
     let path = proc_fd_path(fd);
     let names = match xattr::list_deref(&path) {
         Ok(names) => names,
