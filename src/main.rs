@@ -116,6 +116,14 @@ struct ServeArgs {
     /// Group owning the socket (name or gid).
     #[arg(long = "socket-group", value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Where the plugin keeps what must survive its own restart but not a
+    /// reboot (the accepted Init request). Use a tmpfs.
+    #[arg(
+        long = "run-dir",
+        default_value = "/run/docker-rbd",
+        value_name = "DIR"
+    )]
+    run_dir: PathBuf,
 }
 
 fn parse_octal(s: &str) -> std::result::Result<u32, String> {
@@ -166,7 +174,16 @@ fn serve(args: ServeArgs) -> Result<()> {
         g.parse::<SocketGroup>()
             .unwrap_or_else(|never| match never {})
     });
-    let plugin = Arc::new(RbdPlugin::new(raw));
+    let saved_init = args.run_dir.join(format!("{}.init.json", args.name));
+    let plugin = Arc::new(RbdPlugin::new(raw, Some(saved_init)));
+    // Restarted under a running dockerd, which will not call Init again.
+    match plugin.resume() {
+        Ok(true) => tracing::info!("resumed the previous run's Init"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "cannot resume the previous run's Init; waiting for dockerd's")
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

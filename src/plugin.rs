@@ -4,6 +4,13 @@
 //! settings at `Init` (flags, then `Init.Opts`), and forwards each call to
 //! the [`Engine`]; `Diff`, `Changes`, `ApplyDiff` and `DiffSize` come from
 //! the protocol crate's naive diff layer over the engine's `get`/`put`.
+//!
+//! dockerd calls `Init` once, when it starts, and never again: a plugin that
+//! crashes and restarts under a running dockerd would otherwise answer
+//! every call with "not initialised". So the accepted `Init` request is
+//! saved (in a tmpfs run directory, so a reboot, after which dockerd calls
+//! `Init` afresh, forgets it), and a restarted plugin resumes from it
+//! ([`RbdPlugin::resume`]) before it serves.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -11,8 +18,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use graphdriver_api::diff::{DiffError, IdMapError, IdMappings, LayerFs, NaiveDiff};
-use graphdriver_api::{Change, CreateRequest, DiffStream, GraphDriver, InitRequest};
+use graphdriver_api::{Change, CreateRequest, DiffStream, GraphDriver, IdMap, InitRequest};
 use metadata::LayerKind;
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::OpenOptionsExt;
 
 use crate::config::{ConfigError, RawSettings, Settings};
 use crate::engine::{CreateOptions, Engine, EngineError};
@@ -61,6 +70,15 @@ pub enum PluginError {
     /// `Init`'s UID or GID map is unusable.
     #[error(transparent)]
     IdMap(#[from] IdMapError),
+    /// The saved `Init` of a previous run could not be read or written.
+    #[error("saved Init request {path}")]
+    SavedInit {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The diff layer failed.
     #[error(transparent)]
     Diff(#[from] DiffError),
@@ -92,18 +110,99 @@ pub struct RbdPlugin {
     flags: RawSettings,
     engine: EngineCell,
     diff: NaiveDiff<EngineFs>,
+    saved_init: Option<PathBuf>,
+}
+
+/// The `Init` request as saved for a restarted plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SavedInit {
+    v: u32,
+    home: String,
+    opts: Vec<String>,
+    uid_maps: Vec<IdMap>,
+    gid_maps: Vec<IdMap>,
 }
 
 impl RbdPlugin {
     /// A plugin whose settings start from `flags` (`docker-rbd serve`
-    /// flags and config file); dockerd's `Init.Opts` override them.
-    pub fn new(flags: RawSettings) -> Self {
+    /// flags and config file); dockerd's `Init.Opts` override them. When
+    /// `saved_init` is given, an accepted `Init` is saved there for
+    /// [`RbdPlugin::resume`].
+    pub fn new(flags: RawSettings, saved_init: Option<PathBuf>) -> Self {
         let engine: EngineCell = Arc::default();
         Self {
             flags,
             diff: NaiveDiff::new(Arc::new(EngineFs(engine.clone())), IdMappings::default()),
             engine,
+            saved_init,
         }
+    }
+
+    /// Initialises from the `Init` a previous run of this plugin accepted,
+    /// if one was saved: the plugin restarted under a running dockerd.
+    /// Returns whether it resumed.
+    pub fn resume(&self) -> Result<bool, PluginError> {
+        let Some(path) = &self.saved_init else {
+            return Ok(false);
+        };
+        let text = match std::fs::read(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(PluginError::SavedInit {
+                    path: path.clone(),
+                    source: source.into(),
+                });
+            }
+        };
+        let saved: SavedInit =
+            serde_json::from_slice(&text).map_err(|source| PluginError::SavedInit {
+                path: path.clone(),
+                source: source.into(),
+            })?;
+        tracing::info!(home = %saved.home, "resuming the Init of the previous run");
+        self.init(InitRequest {
+            home: saved.home,
+            opts: saved.opts,
+            uid_maps: saved.uid_maps,
+            gid_maps: saved.gid_maps,
+        })?;
+        Ok(true)
+    }
+
+    fn save_init(&self, req: &InitRequest) -> Result<(), PluginError> {
+        let Some(path) = &self.saved_init else {
+            return Ok(());
+        };
+        let saved = SavedInit {
+            v: 1,
+            home: req.home.clone(),
+            opts: req.opts.clone(),
+            uid_maps: req.uid_maps.clone(),
+            gid_maps: req.gid_maps.clone(),
+        };
+        let err = |source: std::io::Error| PluginError::SavedInit {
+            path: path.clone(),
+            source: source.into(),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let bytes = serde_json::to_vec(&saved).map_err(|e| err(e.into()))?;
+        {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(err)?;
+            file.write_all(&bytes).map_err(err)?;
+            file.sync_all().map_err(err)?;
+        }
+        std::fs::rename(&tmp, path).map_err(err)
     }
 
     /// The engine, once initialised.
@@ -169,6 +268,7 @@ impl GraphDriver for RbdPlugin {
             });
         }
         let engine = Arc::new(Engine::open(settings, &home)?);
+        self.save_init(&req)?;
         tracing::info!(
             home = %home.display(),
             host = engine.host_id(),

@@ -10,6 +10,7 @@
 //! balance); anything else is unmounted and unmapped.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use metadata::LayerState;
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::{Engine, EngineError, Result, fs_err, mapper_err};
 use crate::fs::{self, MountSpec};
 use crate::localstate::Table;
-use crate::mapper::{MapRequest, MappedDevice};
+use crate::mapper::{self, MapRequest, MappedDevice};
 use crate::names::LayerId;
 
 /// Where a layer's mount is in its life on this host.
@@ -50,6 +51,9 @@ pub struct MountRecord {
     /// Where it is mounted.
     pub mountpoint: PathBuf,
 }
+
+/// How long an unmap waits for a device that is still busy.
+const UNMAP_BUSY_WAIT: Duration = Duration::from_secs(15);
 
 /// The local state table of mounts, keyed by layer id.
 pub const MOUNTS: Table<MountRecord> = Table::new("mounts");
@@ -190,13 +194,31 @@ impl Engine {
             fs::umount(&m.mountpoint).map_err(fs_err("umount", id))?;
         }
         if let Some(device) = &m.device {
-            self.mapper.unmap(device).map_err(mapper_err("unmap", id))?;
+            self.unmap_when_free(id, device)?;
         }
         self.local.remove(&MOUNTS, id.as_str())?;
         // Empty once unmounted; leaving the directory behind is harmless.
         let _ = std::fs::remove_dir(&m.mountpoint);
         tracing::info!(layer = %id, "layer unmounted");
         Ok(())
+    }
+
+    /// Unmaps `device`, waiting a little while it is busy: right after a
+    /// container dies, its mount namespace may still hold the filesystem
+    /// for a moment after our unmount.
+    fn unmap_when_free(&self, id: &LayerId, device: &MappedDevice) -> Result<()> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match self.mapper.unmap(device) {
+                Ok(()) => return Ok(()),
+                Err(mapper::Error::Busy { .. }) if started.elapsed() < UNMAP_BUSY_WAIT => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(mapper_err("unmap", id)(e)),
+            }
+        }
     }
 
     /// Drops this host's mount of a layer whatever its count (the layer is
