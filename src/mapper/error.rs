@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{ImageSpec, MapperKind};
+use super::MapperKind;
 
 /// Everything that can go wrong mapping, unmapping, listing or adopting a
 /// block device.
@@ -91,16 +91,16 @@ pub enum Error {
     /// The image is already mapped by this mapper.
     #[error("{spec} is already mapped at {device}")]
     AlreadyMapped {
-        /// The image.
-        spec: ImageSpec,
+        /// The image (`pool/ns/image@snap`).
+        spec: String,
         /// Where.
         device: PathBuf,
     },
     /// A recorded mapping no longer matches what the host has.
     #[error("the mapping of {spec} on {device} is gone: {reason}")]
     Stale {
-        /// The image.
-        spec: ImageSpec,
+        /// The image (`pool/ns/image@snap`).
+        spec: String,
         /// The recorded device.
         device: PathBuf,
         /// What no longer matches.

@@ -263,7 +263,7 @@ impl KrbdMapper {
             });
         };
         let stale = |reason: String| Error::Stale {
-            spec: dev.spec.clone(),
+            spec: dev.spec.to_string(),
             device: dev.device.clone(),
             reason,
         };

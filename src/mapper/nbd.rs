@@ -182,7 +182,7 @@ impl NbdMapper {
             });
         };
         let stale = |reason: String| Error::Stale {
-            spec: dev.spec.clone(),
+            spec: dev.spec.to_string(),
             device: dev.device.clone(),
             reason,
         };

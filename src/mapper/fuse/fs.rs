@@ -24,6 +24,10 @@ const IMAGE_INO: INodeNo = INodeNo(2);
 /// writes, through the kernel), so they may be cached for long.
 const TTL: Duration = Duration::from_secs(3600);
 
+thread_local! {
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Tuning of the FUSE connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FsOptions {
@@ -245,21 +249,31 @@ impl<B: BlockBackend + 'static> Filesystem for ImageFs<B> {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(end - offset) as usize;
-        let mut buf = vec![0u8; len];
-        let mut done = 0;
-        while done < len {
-            match self.backend.read_at(offset + done as u64, &mut buf[done..]) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return reply.error(self.fail("read", offset, len as u64, &e)),
+        // One buffer per FUSE worker thread: no allocation and no zeroing
+        // per request.
+        READ_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            if buf.len() < len {
+                buf.resize(len, 0);
             }
-        }
-        self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .read_bytes
-            .fetch_add(done as u64, Ordering::Relaxed);
-        reply.data(&buf[..done]);
+            let mut done = 0;
+            while done < len {
+                match self
+                    .backend
+                    .read_at(offset + done as u64, &mut buf[done..len])
+                {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return reply.error(self.fail("read", offset, len as u64, &e)),
+                }
+            }
+            self.stats.reads.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .read_bytes
+                .fetch_add(done as u64, Ordering::Relaxed);
+            reply.data(&buf[..done]);
+        });
     }
 
     fn write(

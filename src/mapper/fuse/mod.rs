@@ -133,14 +133,14 @@ pub struct FuseConfig {
 }
 
 impl FuseConfig {
-    /// Defaults: `/run/docker-rbd/fuse`, [`HelperCommand::locate`], 4
+    /// Defaults: `/run/docker-rbd/fuse`, [`HelperCommand::locate`], 8
     /// threads, 1 MiB requests, loop direct I/O.
     pub fn new(ceph: CephConnection) -> Self {
         Self {
             ceph,
             run_dir: PathBuf::from("/run/docker-rbd/fuse"),
             helper: HelperCommand::locate(),
-            threads: 4,
+            threads: 8,
             max_write: 1 << 20,
             fuse_direct_io: false,
             loop_direct_io: true,
@@ -260,7 +260,7 @@ impl FuseMapper {
                     match self.check_live(&existing) {
                         Ok(()) => {
                             return Err(Error::AlreadyMapped {
-                                spec,
+                                spec: spec.to_string(),
                                 device: existing.device,
                             });
                         }
@@ -619,7 +619,7 @@ impl FuseMapper {
             });
         };
         let stale = |reason: String| Error::Stale {
-            spec: dev.spec.clone(),
+            spec: dev.spec.to_string(),
             device: dev.device.clone(),
             reason,
         };
@@ -897,7 +897,7 @@ mod tests {
             .collect();
         assert_eq!(
             args.join(" "),
-            "fuse-serve --mountpoint /m --threads 4 --max-write 1048576 --connect-timeout 60 --pool rbd --namespace ns --image img --snap s --conf /c --id u --keyring /k --read-only"
+            "fuse-serve --mountpoint /m --threads 8 --max-write 1048576 --connect-timeout 60 --pool rbd --namespace ns --image img --snap s --conf /c --id u --keyring /k --read-only"
         );
         let args = m.server_args(
             Path::new("/m"),
@@ -911,7 +911,7 @@ mod tests {
             .collect();
         assert_eq!(
             args.join(" "),
-            "fuse-serve --mountpoint /m --threads 4 --max-write 1048576 --connect-timeout 60 --file /f"
+            "fuse-serve --mountpoint /m --threads 8 --max-write 1048576 --connect-timeout 60 --file /f"
         );
         // clap accepts what we generate
         let parsed = ServeArgs::try_parse_from(
