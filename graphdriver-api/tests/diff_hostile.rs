@@ -72,6 +72,20 @@ fn plant_escape_symlinks(sb: &Sandbox) {
     symlink(sb.path().join("canary.txt"), &sb.root.join("abs_file"));
 }
 
+fn plant_links_in_dir(sb: &Sandbox) {
+    symlink("../..", &sb.root.join("dir/up"));
+    symlink(sb.path(), &sb.root.join("dir/abs"));
+    symlink(
+        sb.path().join("canary_dir"),
+        &sb.root.join("dir/sub/abs_dir"),
+    );
+    std::os::unix::fs::symlink(
+        sb.path().join("canary.txt"),
+        sb.root.join("dir/sub/abs_file"),
+    )
+    .expect("symlink");
+}
+
 fn read(p: &Path) -> Vec<u8> {
     fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
@@ -496,6 +510,30 @@ fn whiteouts_stay_inside() {
         plant_escape_symlinks,
         tar_of(&[Ent::file("esc/.wh.lowerfile", "")]),
         Expect::Ok(|root| assert!(!root.join("lowerfile").exists())),
+    );
+    run_case(
+        "whiteout of a lower symlink to the sandbox removes only the link",
+        plant_escape_symlinks,
+        tar_of(&[Ent::file(".wh.abs", ""), Ent::file(".wh.esc", "")]),
+        Expect::Ok(|root| {
+            assert!(fs::symlink_metadata(root.join("abs")).is_err());
+            assert!(fs::symlink_metadata(root.join("esc")).is_err());
+        }),
+    );
+    run_case(
+        "opaque directory holding symlinks to the sandbox",
+        plant_links_in_dir,
+        tar_of(&[Ent::file("dir/.wh..wh..opq", "")]),
+        Expect::Ok(|root| {
+            let left: Vec<_> = fs::read_dir(root.join("dir")).expect("dir").collect();
+            assert!(left.is_empty(), "opaque dir emptied: {left:?}");
+        }),
+    );
+    run_case(
+        "whiteout of a directory holding symlinks to the sandbox",
+        plant_links_in_dir,
+        tar_of(&[Ent::file(".wh.dir", "")]),
+        Expect::Ok(|root| assert!(!root.join("dir").exists())),
     );
     run_case(
         "opaque through a symlink to the parent of the root",

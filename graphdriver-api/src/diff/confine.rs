@@ -334,3 +334,66 @@ pub(crate) fn read_xattrs(fd: BorrowedFd<'_>) -> io::Result<Xattrs> {
     out.sort();
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Components joined with `|` (so a stray `/` would show).
+    fn clean(raw: &[u8]) -> Result<String, CleanError> {
+        RelPath::clean(raw).map(|p| {
+            p.components()
+                .iter()
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+    }
+
+    #[test]
+    fn names_are_cleaned_lexically() {
+        assert_eq!(clean(b"a/b/c"), Ok("a|b|c".to_string()));
+        assert_eq!(clean(b"./a//b/./"), Ok("a|b".to_string()));
+        assert_eq!(clean(b"a/../b"), Ok("b".to_string()));
+        assert_eq!(clean(b"/etc/passwd"), Ok("etc|passwd".to_string()));
+        assert_eq!(
+            clean(b"/../x"),
+            Ok("x".to_string()),
+            "rooted names clamp at the root"
+        );
+        assert_eq!(clean(b"///"), Ok("".to_string()));
+        assert_eq!(clean(b"."), Ok("".to_string()));
+        assert_eq!(clean(b"..."), Ok("...".to_string()));
+        assert_eq!(clean(b".wh..wh..opq"), Ok(".wh..wh..opq".to_string()));
+    }
+
+    #[test]
+    fn relative_escapes_and_nuls_are_refused() {
+        for raw in [
+            &b".."[..],
+            b"../",
+            b"../x",
+            b"a/../../x",
+            b"./../x",
+            b"a/b/../../..",
+        ] {
+            assert_eq!(
+                clean(raw),
+                Err(CleanError::Escapes),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        assert_eq!(clean(b"a\0b"), Err(CleanError::Nul));
+    }
+
+    #[test]
+    fn split_and_join() {
+        let p = RelPath::clean(b"/a/b/c").expect("clean");
+        let (parent, name) = p.split_last().expect("not root");
+        assert_eq!(join(parent), b"a/b");
+        assert_eq!(name, b"c");
+        assert_eq!(p.to_bytes(), b"a/b/c");
+        assert!(RelPath::clean(b"/").expect("root").split_last().is_none());
+    }
+}
