@@ -743,3 +743,38 @@ fn mapping_a_missing_rbd_image_fails_with_enoent() {
     let run = fx.mapper().config().run_dir.clone();
     assert_eq!(std::fs::read_dir(&run).expect("run dir").count(), 0);
 }
+
+#[test]
+fn several_images_map_and_unmap_in_parallel() {
+    if !prerequisites("several_images_map_and_unmap_in_parallel") {
+        return;
+    }
+    let fx = Fixture::new(CephConnection::default());
+    let backings: Vec<PathBuf> = (0..4)
+        .map(|i| fx.backing(&format!("p{i}.img"), 8 << 20))
+        .collect();
+    std::thread::scope(|s| {
+        for (i, backing) in backings.iter().enumerate() {
+            let mapper = fx.mapper();
+            s.spawn(move || {
+                let dev = mapper
+                    .map_file(backing, &label(&format!("par-{i}")))
+                    .expect("map");
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&dev.device)
+                    .expect("open");
+                f.write_all_at(format!("image {i}").as_bytes(), 512)
+                    .expect("write");
+                f.sync_all().expect("fsync");
+                drop(f);
+                mapper.unmap(&dev).expect("unmap");
+            });
+        }
+    });
+    for (i, backing) in backings.iter().enumerate() {
+        let raw = std::fs::read(backing).expect("backing");
+        assert_eq!(&raw[512..519], format!("image {i}").as_bytes());
+    }
+    assert!(fx.mapper().list().expect("list").is_empty());
+}

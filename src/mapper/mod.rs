@@ -521,6 +521,13 @@ pub fn availability(kind: MapperKind, config: &MapperConfig) -> std::result::Res
                     return Err(format!("{dev} is missing"));
                 }
             }
+            let helper = &config.fuse.helper.program;
+            if !program_exists(&helper.to_string_lossy()) {
+                return Err(format!(
+                    "its server program {} is missing",
+                    helper.display()
+                ));
+            }
             Ok(())
         }
     }

@@ -214,6 +214,19 @@ fn explicit_kinds_are_checked() {
         Mapper::probe(MapperKind::Fuse, &c),
         Err(Error::Unavailable { .. })
     ));
+    touch(root.path(), "dev/fuse");
+    touch(root.path(), "dev/loop-control");
+    assert_eq!(
+        Mapper::probe(MapperKind::Fuse, &c).unwrap().kind(),
+        MapperKind::Fuse
+    );
+    c.fuse.helper = fuse::HelperCommand::binary("/nonexistent/docker-rbd-fuse");
+    match Mapper::probe(MapperKind::Fuse, &c) {
+        Err(e @ Error::Unavailable { .. }) => {
+            assert!(e.to_string().contains("server program"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -56,6 +56,7 @@ pub mod loopdev;
 pub mod rbd;
 pub mod serve;
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -63,7 +64,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -195,8 +196,9 @@ enum Source {
 #[derive(Debug)]
 pub struct FuseMapper {
     config: FuseConfig,
-    /// Serialises map and unmap within this process.
-    lock: Mutex<()>,
+    /// Serialises map and unmap of one image within this process; different
+    /// images map in parallel.
+    locks: KeyLocks,
 }
 
 impl FuseMapper {
@@ -206,19 +208,13 @@ impl FuseMapper {
             .map_err(|e| Error::io("create", &config.run_dir, e))?;
         Ok(Self {
             config,
-            lock: Mutex::new(()),
+            locks: KeyLocks::default(),
         })
     }
 
     /// The settings.
     pub fn config(&self) -> &FuseConfig {
         &self.config
-    }
-
-    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The state directory for `spec`.
@@ -251,8 +247,8 @@ impl FuseMapper {
         let spec = req.spec();
         spec.validate()?;
         let read_only = req.effective_read_only();
-        let _guard = self.guard();
         let dir = self.state_dir(&spec);
+        let _guard = self.locks.lock(&dir);
         if dir.exists() {
             match read_state(&dir) {
                 Ok(Some(state)) if state.loop_number.is_some() => {
@@ -489,7 +485,7 @@ impl FuseMapper {
                 found: dev.kind(),
             });
         };
-        let _guard = self.guard();
+        let _guard = self.locks.lock(&handle.state_dir);
         if !handle.state_dir.starts_with(&self.config.run_dir) {
             return Err(Error::InvalidRequest {
                 field: "state_dir",
@@ -655,6 +651,40 @@ impl FuseMapper {
             ))),
             None => Err(stale(format!("{} is not attached", dev.device.display()))),
         }
+    }
+}
+
+/// Per-key mutual exclusion: one map or unmap per state directory at a time.
+#[derive(Debug, Default)]
+struct KeyLocks {
+    busy: Mutex<HashSet<PathBuf>>,
+    released: Condvar,
+}
+
+struct KeyGuard<'a> {
+    locks: &'a KeyLocks,
+    key: PathBuf,
+}
+
+impl KeyLocks {
+    fn lock(&self, key: &Path) -> KeyGuard<'_> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        while busy.contains(key) {
+            busy = self.released.wait(busy).unwrap_or_else(|p| p.into_inner());
+        }
+        busy.insert(key.to_path_buf());
+        KeyGuard {
+            locks: self,
+            key: key.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.locks.busy.lock().unwrap_or_else(|p| p.into_inner());
+        busy.remove(&self.key);
+        self.locks.released.notify_all();
     }
 }
 
@@ -919,6 +949,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(parsed.file.as_deref(), Some(Path::new("/f")));
+    }
+
+    #[test]
+    fn key_locks_exclude_per_key_only() {
+        let locks = std::sync::Arc::new(KeyLocks::default());
+        let a = locks.lock(Path::new("/a"));
+        // Another key is free.
+        drop(locks.lock(Path::new("/b")));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l2 = locks.clone();
+        let t = std::thread::spawn(move || {
+            let _g = l2.lock(Path::new("/a"));
+            tx.send(()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "second lock of /a got in"
+        );
+        drop(a);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("second lock of /a after release");
+        t.join().unwrap();
     }
 
     #[test]

@@ -129,7 +129,11 @@ where
         .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DOCKER_RBD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // fuser warns when its own unmount-on-drop finds the mount
+                // already gone, which is how every session here ends.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,fuser::session=error")
+                }),
         )
         .try_init();
     let mut ready = args.ready_fd.map(|fd| {
