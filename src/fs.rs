@@ -316,8 +316,9 @@ const FITHAW: libc::c_ulong = 0xC004_5878;
 
 /// A frozen filesystem: writes block until the guard is dropped (thawed).
 /// Used to take a consistent snapshot of a layer still mounted writable.
+/// The guard holds a descriptor on the mount, closed when it thaws.
 pub struct Frozen {
-    dir: std::fs::File,
+    dir: Option<std::fs::File>,
     path: PathBuf,
 }
 
@@ -331,22 +332,24 @@ pub fn freeze(path: &Path) -> Result<Frozen, FsError> {
         return Err(sys("FIFREEZE", path)(nix::Error::last()));
     }
     Ok(Frozen {
-        dir,
+        dir: Some(dir),
         path: path.to_path_buf(),
     })
 }
 
 impl Frozen {
     /// Thaws, reporting failure (dropping thaws too, logging failure).
-    pub fn thaw(self) -> Result<(), FsError> {
-        let result = self.thaw_inner();
-        std::mem::forget(self);
-        result
+    pub fn thaw(mut self) -> Result<(), FsError> {
+        self.thaw_inner()
     }
 
-    fn thaw_inner(&self) -> Result<(), FsError> {
+    /// Thaws once and closes the descriptor.
+    fn thaw_inner(&mut self) -> Result<(), FsError> {
+        let Some(dir) = self.dir.take() else {
+            return Ok(());
+        };
         // SAFETY: FITHAW takes an int argument it ignores; `dir` is open.
-        let rc = unsafe { libc::ioctl(self.dir.as_raw_fd(), FITHAW, 0) };
+        let rc = unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW, 0) };
         if rc == 0 {
             Ok(())
         } else {

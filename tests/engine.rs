@@ -394,7 +394,7 @@ fn size_option_grows_or_limits_the_layer() {
     // ext4 shrinks the layer's filesystem to the limit; its journal and
     // metadata take a share of it.
     assert!(
-        written >= 12 << 20 && written <= 32 << 20,
+        (12 << 20..=32 << 20).contains(&written),
         "stopped after {written} bytes"
     );
     assert_eq!(fx.record(&engine, &small).unwrap().size, 32 << 20);
@@ -475,4 +475,35 @@ fn two_daemons_racing_make_one_base_image() {
     assert_ne!(a.host_id(), b.host_id());
     a.remove(&hex(81)).unwrap();
     b.remove(&hex(82)).unwrap();
+}
+
+#[test]
+fn a_parent_still_mounted_writable_is_frozen_for_its_snapshot() {
+    let Some(fx) = Fixture::new("parent_still_mounted_writable", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let (parent, child) = (hex(91), hex(92));
+    // BuildKit makes writable build snapshots with Create and keeps them
+    // mounted while it writes; a child may be created before the Put.
+    engine.create(&parent, "", &image_layer()).unwrap();
+    let root = engine.get(&parent, "").unwrap();
+    std::fs::write(root.join("built"), b"by the build step").unwrap();
+    engine.create(&child, &parent, &image_layer()).unwrap();
+    let after = std::fs::write(root.join("after-seal"), b"still writable");
+    assert!(
+        after.is_ok(),
+        "the writable mount is thawed after the snapshot: {after:?}"
+    );
+    let child_root = engine.get(&child, "").unwrap();
+    assert_eq!(
+        std::fs::read(child_root.join("built")).unwrap(),
+        b"by the build step",
+        "the snapshot holds what was written before it, without an unmount"
+    );
+    assert!(!child_root.join("after-seal").exists());
+    engine.put(&child).unwrap();
+    engine.put(&parent).unwrap();
+    engine.remove(&child).unwrap();
+    engine.remove(&parent).unwrap();
 }
