@@ -10,7 +10,7 @@
 //! ```text
 //! scripts/ceph-dev start /tmp/bench-ceph && source /tmp/bench-ceph/env
 //! cargo build --release --bin docker-rbd-fuse --example fuse_mapper_bench
-//! sudo -E target/release/examples/fuse_mapper_bench [--total-mib 256] [--rand-mib 32]
+//! sudo -E target/release/examples/fuse_mapper_bench [--total-mib 1024] [--rand-mib 64]
 //!     [--threads 16] [--fuse-threads 8] [--rounds 3] [--no-loop-dio] [--fuse-direct-io]
 //! ```
 //!
@@ -42,8 +42,8 @@ struct Options {
 
 fn parse_args() -> Result<Options> {
     let mut o = Options {
-        total: 256 << 20,
-        rand_total: 32 << 20,
+        total: 1 << 30,
+        rand_total: 64 << 20,
         threads: 16,
         fuse_threads: 8,
         loop_dio: true,

@@ -594,7 +594,13 @@ fn rbd_image_through_fuse_and_loop() {
             .custom_flags(libc::O_DIRECT)
             .open(&dev.device)
             .expect("open device");
+        // After a first flush librbd's cache runs write-back: data must
+        // still be visible to another client once fsync returns.
+        // (`image_fs_semantics_flush_discard_and_bounds` checks that fsync
+        // reaches the backend's flush.)
         let mut buf = AlignedBuf::new(data.len());
+        f.write_all_at(buf.as_ref(), 0).expect("first write");
+        f.sync_all().expect("first fsync");
         buf.as_mut().copy_from_slice(&data);
         f.write_all_at(buf.as_ref(), 100 << 20).expect("write");
         f.sync_all().expect("fsync");
@@ -777,4 +783,125 @@ fn several_images_map_and_unmap_in_parallel() {
         assert_eq!(&raw[512..519], format!("image {i}").as_bytes());
     }
     assert!(fx.mapper().list().expect("list").is_empty());
+}
+
+/// Counts what reaches the backend.
+struct Counting {
+    inner: docker_rbd::mapper::fuse::SparseFileBackend,
+    flushes: Arc<std::sync::atomic::AtomicU64>,
+    discards: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+}
+
+impl docker_rbd::mapper::fuse::BlockBackend for Counting {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write_at(off, buf)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.flush()
+    }
+    fn discard(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.discards.lock().expect("lock").push((off, len));
+        self.inner.discard(off, len)
+    }
+}
+
+#[test]
+fn image_fs_semantics_flush_discard_and_bounds() {
+    use docker_rbd::mapper::fuse::fs::{FsOptions, ImageFs};
+    if !prerequisites("image_fs_semantics_flush_discard_and_bounds") {
+        return;
+    }
+    let fx = Fixture::new(CephConnection::default());
+    let backing = fx.backing("sem.img", 4 << 20);
+    let flushes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let discards = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend = Counting {
+        inner: docker_rbd::mapper::fuse::SparseFileBackend::open(&backing, false).expect("open"),
+        flushes: flushes.clone(),
+        discards: discards.clone(),
+    };
+    let mnt = fx.dir.path().join("fusemnt");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let mut config = fuser::Config::default();
+    config.n_threads = Some(2);
+    let session = fuser::spawn_mount(ImageFs::new(backend, FsOptions::default()), &mnt, &config)
+        .expect("mount");
+    // Unmount even when an assertion below fails.
+    struct Unmount(Option<fuser::BackgroundSession>, PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            if let Some(s) = self.0.take()
+                && s.umount_and_join().is_err()
+            {
+                let _ = nix::mount::umount2(&self.1, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+    let guard = Unmount(Some(session), mnt.clone());
+    let image = mnt.join("image");
+
+    let names: Vec<String> = std::fs::read_dir(&mnt)
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["image"]);
+    assert_eq!(std::fs::metadata(&image).expect("stat").len(), 4 << 20);
+
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .expect("open image");
+    f.write_all_at(b"hello", 1000).expect("write");
+    let before = flushes.load(std::sync::atomic::Ordering::SeqCst);
+    f.sync_all().expect("fsync");
+    assert!(
+        flushes.load(std::sync::atomic::Ordering::SeqCst) > before,
+        "fsync did not reach the backend's flush"
+    );
+    // Writes past the end fail; the size cannot change.
+    let err = f
+        .write_all_at(b"x", 4 << 20)
+        .expect_err("write past the end");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(f.set_len(1 << 20).is_err(), "truncate succeeded");
+    // Hole punching reaches discard and reads back as zeros.
+    // SAFETY: fallocate on an open descriptor with integer arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            8192,
+        )
+    };
+    assert_eq!(rc, 0, "punch hole: {}", std::io::Error::last_os_error());
+    assert_eq!(discards.lock().expect("lock").as_slice(), &[(0, 8192)]);
+    drop(f);
+    let raw = std::fs::read(&backing).expect("backing");
+    assert!(
+        raw[..8192].iter().all(|&b| b == 0),
+        "punched range is not zero"
+    );
+    // Nothing else can be created.
+    assert!(std::fs::File::create(mnt.join("other")).is_err());
+    let before = flushes.load(std::sync::atomic::Ordering::SeqCst);
+    // close() sends FLUSH too.
+    let f = OpenOptions::new().write(true).open(&image).expect("reopen");
+    f.write_all_at(b"bye", 0).expect("write");
+    drop(f);
+    assert!(
+        flushes.load(std::sync::atomic::Ordering::SeqCst) > before,
+        "close did not flush"
+    );
+    drop(guard);
+    assert!(mounts_under(&mnt).is_empty());
 }

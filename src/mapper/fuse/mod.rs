@@ -52,14 +52,19 @@
 //! about half the speed. `examples/fuse_mapper_bench.rs` compares the
 //! mapper with `rbd bench` on the same cluster, in the same run, with 16
 //! requests in flight. On a single-node memstore test cluster on a shared
-//! two-core machine (median of 3 rounds; expect noise) it measured:
+//! two-core machine (1 GiB sequential, 64 MiB random, median of 3 rounds;
+//! expect noise of ±30% between runs) it measured:
 //!
 //! | workload | `rbd bench` (librbd) | fuse + loop |
 //! |---|---|---|
-//! | sequential write, 4 MiB | 664 MB/s | 886 MB/s |
-//! | sequential read, 4 MiB | 1917 MB/s | 1187 MB/s |
-//! | random write, 4 KiB | 4971 IOPS | 4423 IOPS |
-//! | random read, 4 KiB | 8605 IOPS | 7113 IOPS |
+//! | sequential write, 4 MiB | 1266 MB/s | 846 MB/s |
+//! | sequential read, 4 MiB | 1790 MB/s | 976 MB/s |
+//! | random write, 4 KiB | 5299 IOPS | 4808 IOPS |
+//! | random read, 4 KiB | 7447 IOPS | 6744 IOPS |
+//!
+//! 8 and 16 worker threads and `FOPEN_DIRECT_IO` made no difference beyond
+//! that noise; the extra copy through the kernel is what sequential I/O
+//! pays.
 //!
 //! # Limits
 //!
