@@ -91,6 +91,9 @@ cluster_stop() {
 on_exit() {
     local rc=$?
     trap - EXIT INT TERM
+    if declare -F stop_children >/dev/null; then
+        stop_children
+    fi
     reap_leftovers || true
     cluster_stop
     exit "$rc"

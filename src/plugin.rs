@@ -10,18 +10,20 @@
 //! every call with "not initialised". So the accepted `Init` request is
 //! saved (in a tmpfs run directory, so a reboot, after which dockerd calls
 //! `Init` afresh, forgets it), and a restarted plugin resumes from it
-//! ([`RbdPlugin::resume`]) before it serves.
+//! ([`RbdPlugin::resume`]) before it serves. dockerd's `Cleanup` (it is
+//! shutting down) forgets it, and an `Init` from dockerd always wins over a
+//! resumed or earlier one: the engine is replaced when the settings differ.
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use graphdriver_api::diff::{DiffError, IdMapError, IdMappings, LayerFs, NaiveDiff};
 use graphdriver_api::{Change, CreateRequest, DiffStream, GraphDriver, IdMap, InitRequest};
 use metadata::LayerKind;
 use serde::{Deserialize, Serialize};
-use std::os::unix::fs::OpenOptionsExt;
 
 use crate::config::{ConfigError, RawSettings, Settings};
 use crate::engine::{CreateOptions, Engine, EngineError};
@@ -33,14 +35,6 @@ pub enum PluginError {
     /// A call arrived before `Init`.
     #[error("docker-rbd is not initialised: dockerd has not called GraphDriver.Init")]
     NotInitialized,
-    /// `Init` came again with different settings.
-    #[error(
-        "docker-rbd is already serving {home} with other settings; restart docker-rbd to change them"
-    )]
-    AlreadyInitialized {
-        /// The Home being served.
-        home: PathBuf,
-    },
     /// `Init`'s Home is not an absolute path.
     #[error("Init Home {home:?} is not an absolute path")]
     BadHome {
@@ -84,10 +78,13 @@ pub enum PluginError {
     Diff(#[from] DiffError),
 }
 
-type EngineCell = Arc<OnceLock<Arc<Engine>>>;
+type EngineCell = Arc<RwLock<Option<Arc<Engine>>>>;
 
-fn engine(cell: &EngineCell) -> Result<&Arc<Engine>, PluginError> {
-    cell.get().ok_or(PluginError::NotInitialized)
+fn engine(cell: &EngineCell) -> Result<Arc<Engine>, PluginError> {
+    cell.read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+        .ok_or(PluginError::NotInitialized)
 }
 
 /// The engine as the diff layer sees it: a directory per layer.
@@ -160,6 +157,14 @@ impl RbdPlugin {
                 path: path.clone(),
                 source: source.into(),
             })?;
+        // Home is <data-root>/<name>; without the data root no dockerd runs
+        // with this Init any more.
+        let data_root = Path::new(&saved.home).parent().map(Path::to_path_buf);
+        if !data_root.is_some_and(|d| d.is_dir()) {
+            tracing::info!(home = %saved.home, "the saved Init's data root is gone; forgetting it");
+            self.forget_init();
+            return Ok(false);
+        }
         tracing::info!(home = %saved.home, "resuming the Init of the previous run");
         self.init(InitRequest {
             home: saved.home,
@@ -168,6 +173,15 @@ impl RbdPlugin {
             gid_maps: saved.gid_maps,
         })?;
         Ok(true)
+    }
+
+    fn forget_init(&self) {
+        if let Some(path) = &self.saved_init
+            && let Err(e) = std::fs::remove_file(path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the saved Init");
+        }
     }
 
     fn save_init(&self, req: &InitRequest) -> Result<(), PluginError> {
@@ -206,8 +220,8 @@ impl RbdPlugin {
     }
 
     /// The engine, once initialised.
-    pub fn engine(&self) -> Option<&Arc<Engine>> {
-        self.engine.get()
+    pub fn engine(&self) -> Option<Arc<Engine>> {
+        engine(&self.engine).ok()
     }
 
     fn settings_for(&self, req: &InitRequest) -> Result<Settings, PluginError> {
@@ -257,15 +271,18 @@ impl GraphDriver for RbdPlugin {
         }
         let maps = IdMappings::new(req.uid_maps.clone(), req.gid_maps.clone())?;
         self.diff.set_id_mappings(maps);
-        if let Some(existing) = self.engine.get() {
+        if let Ok(existing) = engine(&self.engine) {
             if existing.home() == home && *existing.settings() == settings {
                 tracing::info!(home = %home.display(), "dockerd restarted; re-running recovery");
                 existing.recover();
+                self.save_init(&req)?;
                 return Ok(());
             }
-            return Err(PluginError::AlreadyInitialized {
-                home: existing.home().to_path_buf(),
-            });
+            tracing::info!(
+                old_home = %existing.home().display(),
+                new_home = %home.display(),
+                "dockerd initialised again with other settings; switching to them"
+            );
         }
         let engine = Arc::new(Engine::open(settings, &home)?);
         self.save_init(&req)?;
@@ -275,8 +292,7 @@ impl GraphDriver for RbdPlugin {
             mapper = %engine.mapper().kind(),
             "initialised"
         );
-        // A concurrent Init lost the race: the winner serves.
-        let _ = self.engine.set(engine);
+        *self.engine.write().unwrap_or_else(PoisonError::into_inner) = Some(engine);
         Ok(())
     }
 
@@ -352,8 +368,10 @@ impl GraphDriver for RbdPlugin {
 
     fn cleanup(&self) -> Result<(), PluginError> {
         // Mounts stay: containers may outlive dockerd (live-restore), and a
-        // restarted dockerd's Init adopts them.
-        if let Some(engine) = self.engine.get() {
+        // restarted dockerd's Init adopts them. The saved Init goes: the
+        // next dockerd calls Init itself.
+        self.forget_init();
+        if let Ok(engine) = engine(&self.engine) {
             tracing::info!(mounted = engine.mounts()?.len(), "dockerd is shutting down");
         }
         Ok(())
@@ -373,5 +391,117 @@ impl GraphDriver for RbdPlugin {
 
     fn diff_size(&self, id: &str, parent: &str) -> Result<u64, PluginError> {
         Ok(self.diff.diff_size(id, parent)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn request(opts: &[(&str, &str)]) -> CreateRequest {
+        CreateRequest {
+            id: format!("{:064x}", 1),
+            storage_opt: opts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            ..CreateRequest::default()
+        }
+    }
+
+    #[test]
+    fn storage_options_are_validated() {
+        let ok =
+            RbdPlugin::create_options(&request(&[("size", "20G")]), LayerKind::ReadWrite).unwrap();
+        assert_eq!(ok.size, Some(20 << 30));
+        let none = RbdPlugin::create_options(&request(&[]), LayerKind::Image).unwrap();
+        assert_eq!(none.size, None);
+        let err = RbdPlugin::create_options(&request(&[("size", "lots")]), LayerKind::ReadWrite)
+            .unwrap_err();
+        assert!(err.to_string().contains("size=\"lots\""), "{err}");
+        let err = RbdPlugin::create_options(
+            &request(&[("size", "1G"), ("iops", "5"), ("zone", "a")]),
+            LayerKind::ReadWrite,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown storage option(s) iops, zone (docker-rbd supports: size)"
+        );
+    }
+
+    #[test]
+    fn calls_before_init_say_so() {
+        let plugin = RbdPlugin::new(RawSettings::default(), None);
+        let id = format!("{:064x}", 1);
+        for err in [
+            plugin.get(&id, "").unwrap_err(),
+            plugin.remove(&id).unwrap_err(),
+            plugin.status().unwrap_err(),
+            plugin.create(request(&[])).unwrap_err(),
+        ] {
+            assert!(matches!(err, PluginError::NotInitialized), "{err}");
+        }
+        assert!(plugin.engine().is_none());
+        assert!(plugin.cleanup().is_ok());
+    }
+
+    #[test]
+    fn init_rejects_bad_settings_and_relative_homes_before_connecting() {
+        let plugin = RbdPlugin::new(RawSettings::default(), None);
+        let err = plugin
+            .init(InitRequest {
+                home: "/var/lib/docker/rbd".into(),
+                opts: vec!["rbd.fs=btrfs".into(), "rbd.nope=1".into()],
+                ..InitRequest::default()
+            })
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("btrfs") && text.contains("rbd.nope"),
+            "{text}"
+        );
+        let err = plugin
+            .init(InitRequest {
+                home: "relative/home".into(),
+                ..InitRequest::default()
+            })
+            .unwrap_err();
+        assert!(matches!(err, PluginError::BadHome { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_saved_init_is_forgotten_when_its_data_root_is_gone_and_reported_when_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rbd.init.json");
+        let plugin = RbdPlugin::new(RawSettings::default(), Some(path.clone()));
+        assert!(!plugin.resume().unwrap(), "nothing saved, nothing resumed");
+
+        let gone = SavedInit {
+            v: 1,
+            home: dir
+                .path()
+                .join("no-such-data-root/rbd")
+                .display()
+                .to_string(),
+            opts: vec![],
+            uid_maps: vec![],
+            gid_maps: vec![],
+        };
+        std::fs::write(&path, serde_json::to_vec(&gone).unwrap()).unwrap();
+        assert!(!plugin.resume().unwrap());
+        assert!(!path.exists(), "a stale saved Init is removed");
+        assert!(
+            !dir.path().join("no-such-data-root").exists(),
+            "and no Home is made for it"
+        );
+
+        std::fs::write(&path, b"{not json").unwrap();
+        let err = plugin.resume().unwrap_err();
+        assert!(err.to_string().contains("rbd.init.json"), "{err}");
+        plugin.cleanup().unwrap();
+        assert!(!path.exists(), "Cleanup forgets the saved Init");
     }
 }
