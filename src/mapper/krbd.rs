@@ -2,9 +2,10 @@
 //!
 //! Mapping and unmapping go through the `rbd` tool, which resolves monitor
 //! addresses and cephx keys and writes the kernel's `add_single_major`
-//! string for us. Adoption and the fallback listing read
+//! string for us. Listing and adoption read
 //! `/sys/bus/rbd/devices/<id>/{pool,pool_ns,name,current_snap}` directly,
-//! so a restarted daemon can check its devices without the cluster.
+//! so a restarted daemon can check its devices without the cluster or udev
+//! ([`KrbdMapper::list_cli`] asks `rbd device list` instead).
 //! [`sysfs_add_string`] documents (and tests) the string the kernel takes,
 //! for hosts that want to write it themselves.
 //!
@@ -168,8 +169,15 @@ impl KrbdMapper {
         }
     }
 
-    /// Every krbd mapping on this host (`rbd device list --format json`).
+    /// Every krbd mapping on this host, read from sysfs (the kernel's own
+    /// record; needs neither the cluster nor udev, which `rbd device list`
+    /// enumerates through and containers often lack).
     pub fn list(&self) -> Result<Vec<MappedDevice>> {
+        self.list_sysfs()
+    }
+
+    /// Every krbd mapping as `rbd device list --format json` reports it.
+    pub fn list_cli(&self) -> Result<Vec<MappedDevice>> {
         let cmd = self.command().args(["device", "list", "--format", "json"]);
         let out = run_checked(self.runner.as_ref(), &cmd, None)?;
         let entries = parse_list_json(&out.stdout).map_err(|reason| Error::Parse {
@@ -191,7 +199,7 @@ impl KrbdMapper {
             .collect())
     }
 
-    /// Every krbd mapping, read from sysfs without running `rbd`.
+    /// Every krbd mapping, from `/sys/bus/rbd/devices`.
     pub fn list_sysfs(&self) -> Result<Vec<MappedDevice>> {
         let dir = self.sysfs_devices();
         let entries = match std::fs::read_dir(&dir) {
@@ -603,7 +611,7 @@ mod tests {
     fn list_parses_pacific_json() {
         let json = r#"[{"id":"0","pool":"rbd","namespace":"","name":"base","snap":"sealed","device":"/dev/rbd0"},{"id":"1","pool":"rbd","namespace":"fleet","name":"layer-1","snap":"-","device":"/dev/rbd1"}]"#;
         let (fake, m) = mapper(vec![Answer::Output(CommandOutput::ok(json))]);
-        let list = m.list().unwrap();
+        let list = m.list_cli().unwrap();
         assert_eq!(
             fake.calls()[0].args[6..],
             ["device", "list", "--format", "json"]
@@ -629,7 +637,7 @@ mod tests {
             parse_list_json(r#"[{"id":[],"pool":"p","name":"i","device":"/dev/rbd4"}]"#).is_err()
         );
         let (_, m) = mapper(vec![Answer::Output(CommandOutput::ok("not json"))]);
-        assert!(matches!(m.list(), Err(Error::Parse { .. })));
+        assert!(matches!(m.list_cli(), Err(Error::Parse { .. })));
     }
 
     fn write_sysfs(root: &Path, id: &str, pool: &str, ns: &str, name: &str, snap: &str) {
@@ -655,7 +663,7 @@ mod tests {
         std::fs::write(ro.join("ro"), "1\n").unwrap();
         let (fake, m) = mapper(vec![]);
         let m = m.with_host_root(root.path());
-        let list = m.list_sysfs().unwrap();
+        let list = m.list().unwrap();
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].device, PathBuf::from("/dev/rbd2"));
         assert!(list[0].read_only);
