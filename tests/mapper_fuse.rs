@@ -279,6 +279,11 @@ fn read_only_mappings_refuse_writes() {
         loopdev::read_only(h.loop_number),
         "loop device is read-only"
     );
+    let info = loopdev::status(h.loop_number)
+        .expect("LOOP_GET_STATUS64")
+        .expect("attached");
+    assert_ne!(info.flags() & loopdev::LO_FLAGS_READ_ONLY, 0);
+    assert!(fx.mapper().adopt(&dev).expect("adopt").read_only);
 
     // Reads work.
     let mut buf = [0u8; 12];
@@ -418,6 +423,7 @@ fn a_restarted_daemon_adopts_and_a_dead_server_is_cleaned_up() {
     assert_eq!(listed, vec![dev.clone()]);
     let adopted = fx.mapper().adopt(&dev).expect("adopt");
     assert_eq!(adopted.device, dev.device);
+    assert!(!adopted.read_only);
     // Still serving I/O.
     let f = OpenOptions::new()
         .read(true)

@@ -626,7 +626,21 @@ impl FuseMapper {
             return Ok(dev.clone());
         };
         let mut current = dev.clone();
-        current.read_only = loopdev::read_only(handle.loop_number);
+        // The kernel's own view of the device (LOOP_GET_STATUS64).
+        current.read_only = match loopdev::status(handle.loop_number) {
+            Ok(Some(info)) => info.flags() & loopdev::LO_FLAGS_READ_ONLY != 0,
+            Ok(None) => {
+                return Err(Error::Stale {
+                    spec: dev.spec.to_string(),
+                    device: dev.device.clone(),
+                    reason: "the loop device was detached".to_string(),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "LOOP_GET_STATUS64 failed; reading sysfs");
+                loopdev::read_only(handle.loop_number)
+            }
+        };
         Ok(current)
     }
 
