@@ -136,7 +136,7 @@ impl Fixture {
             .arg("--run-dir")
             .arg(self.run_dir.path())
             .args(&self.extra_flags);
-        cmd.env("DOCKER_RBD_LOG", "info");
+        cmd.env("DOCKER_RBD_LOG", "info").env("NO_COLOR", "1");
         cmd
     }
 
@@ -225,7 +225,16 @@ impl Fixture {
 
     /// `docker run --rm --network none <image> sh -c <script>`; its stdout.
     fn run_sh(&self, image: &str, script: &str) -> String {
-        self.ok(["run", "--rm", "--network", "none", image, "sh", "-c", script])
+        self.ok([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            image,
+            "sh",
+            "-c",
+            script,
+        ])
     }
 
     fn driver_home(&self) -> PathBuf {
@@ -319,7 +328,10 @@ impl Fixture {
         let images = self.rbd_images();
         let (base, other): (Vec<&String>, Vec<&String>) =
             images.iter().partition(|i| self.naming.is_base_image(i));
-        assert!(other.is_empty(), "RBD images left besides the base: {other:?}");
+        assert!(
+            other.is_empty(),
+            "RBD images left besides the base: {other:?}"
+        );
         assert_eq!(base.len(), 1, "base images: {base:?}");
         let records = self.layer_records();
         assert!(
@@ -328,7 +340,11 @@ impl Fixture {
             records.keys().collect::<Vec<_>>()
         );
         let status = self.driver_status();
-        assert_eq!(status.get("Layers").map(String::as_str), Some("0"), "{status:?}");
+        assert_eq!(
+            status.get("Layers").map(String::as_str),
+            Some("0"),
+            "{status:?}"
+        );
         assert_eq!(
             status.get("Mounted Layers").map(String::as_str),
             Some("0"),
@@ -336,7 +352,10 @@ impl Fixture {
         );
         let home = self.driver_home();
         let mounts = testkit::mounts::mounts_under(None, &home).unwrap();
-        assert!(mounts.is_empty(), "mounts left under the driver home: {mounts:?}");
+        assert!(
+            mounts.is_empty(),
+            "mounts left under the driver home: {mounts:?}"
+        );
         let loops = loopdev::backed_under(&home);
         assert!(loops.is_empty(), "loop devices left: {loops:?}");
         let servers = fuse_servers_under(&home);
@@ -803,22 +822,35 @@ fn images_containers_and_diffs_through_dockerd() {
         .write_save_tar(&special_tar)
         .unwrap();
     let loaded = fx.ok(["load".as_ref(), "-i".as_ref(), special_tar.as_os_str()]);
-    assert!(loaded.contains(&format!("Loaded image: {special}")), "{loaded}");
+    assert!(
+        loaded.contains(&format!("Loaded image: {special}")),
+        "{loaded}"
+    );
     assert_eq!(
-        fx.ok(["image", "inspect", "-f", "{{.Id}}", &special]).trim(),
+        fx.ok(["image", "inspect", "-f", "{{.Id}}", &special])
+            .trim(),
         saved.id
     );
     assert_eq!(
         fx.run_sh(&special, images::SPECIAL_CHECK_SCRIPT),
         images::SPECIAL_CHECK_EXPECTED
     );
-    assert_eq!(fx.layer_records().len(), 4, "busybox + three special layers");
+    assert_eq!(
+        fx.layer_records().len(),
+        4,
+        "busybox + three special layers"
+    );
     fx.phase("loaded and checked the special image");
 
     // A fresh container: export holds every special entry, diff is empty.
     fx.ok(["create", "--network", "none", "--name", "fresh", &special]);
     let export = fx.path("fresh.tar");
-    fx.ok(["export".as_ref(), "-o".as_ref(), export.as_os_str(), "fresh".as_ref()]);
+    fx.ok([
+        "export".as_ref(),
+        "-o".as_ref(),
+        export.as_os_str(),
+        "fresh".as_ref(),
+    ]);
     images::check_special_export(&std::fs::read(&export).unwrap()).unwrap();
     assert_eq!(fx.ok(["diff", "fresh"]), "");
     let (_, data) = fx.graph_driver("fresh");
@@ -834,7 +866,10 @@ fn images_containers_and_diffs_through_dockerd() {
     let rw_id = rw_image.rsplit('.').next().unwrap();
     let recs = fx.layer_records();
     let init = &recs[&format!("{rw_id}-init")];
-    assert_eq!(recs[rw_id].parent.as_deref(), Some(&*format!("{rw_id}-init")));
+    assert_eq!(
+        recs[rw_id].parent.as_deref(),
+        Some(&*format!("{rw_id}-init"))
+    );
     assert_eq!(init.kind, metadata::LayerKind::Init);
     assert_eq!(recs[rw_id].kind, metadata::LayerKind::ReadWrite);
     fx.phase("exported a fresh container");
@@ -869,7 +904,8 @@ fn images_containers_and_diffs_through_dockerd() {
     );
     // DiffSize: the bytes of the added and changed files (8 + 6 + 2 + 300000).
     assert_eq!(
-        fx.ok(["inspect", "-s", "-f", "{{.SizeRw}}", "changed"]).trim(),
+        fx.ok(["inspect", "-s", "-f", "{{.SizeRw}}", "changed"])
+            .trim(),
         "300016"
     );
     let size = ps_size(&fx, "changed");
@@ -881,7 +917,12 @@ fn images_containers_and_diffs_through_dockerd() {
 
     // docker export: what the script wrote.
     let export = fx.path("changed.tar");
-    fx.ok(["export".as_ref(), "-o".as_ref(), export.as_os_str(), "changed".as_ref()]);
+    fx.ok([
+        "export".as_ref(),
+        "-o".as_ref(),
+        export.as_os_str(),
+        "changed".as_ref(),
+    ]);
     let files = tar_map(&std::fs::read(&export).unwrap());
     assert_eq!(files["data/keep"].data, b"changed\n");
     assert_eq!(files["newdir/f"].data, b"a\n");
@@ -889,7 +930,11 @@ fn images_containers_and_diffs_through_dockerd() {
     assert_eq!(files["x"].data, b"layer3\n");
     let owned = &files["data/owned"];
     assert_eq!((owned.mode, owned.uid, owned.gid), (0o700, 1000, 1000));
-    assert_eq!(files["data/hard2"].kind, b'1', "hardlink kept: {:?}", files["data/hard2"]);
+    assert_eq!(
+        files["data/hard2"].kind, b'1',
+        "hardlink kept: {:?}",
+        files["data/hard2"]
+    );
     assert_eq!(files["data/link"].link, "keep");
     for gone in ["data/added", "data/opq", "data/opq/new", "data/gone"] {
         assert!(!files.contains_key(gone), "{gone} in the export");
@@ -905,26 +950,41 @@ fn images_containers_and_diffs_through_dockerd() {
     ]);
     let out_dir = fx.path("cp-out");
     std::fs::create_dir(&out_dir).unwrap();
-    fx.ok(["cp".as_ref(), "changed:/data/keep".as_ref(), out_dir.as_os_str()]);
-    fx.ok(["cp".as_ref(), "changed:/newdir".as_ref(), out_dir.as_os_str()]);
+    fx.ok([
+        "cp".as_ref(),
+        "changed:/data/keep".as_ref(),
+        out_dir.as_os_str(),
+    ]);
+    fx.ok([
+        "cp".as_ref(),
+        "changed:/newdir".as_ref(),
+        out_dir.as_os_str(),
+    ]);
     assert_eq!(std::fs::read(out_dir.join("keep")).unwrap(), b"changed\n");
     assert_eq!(std::fs::read(out_dir.join("newdir/f")).unwrap(), b"a\n");
-    assert_eq!(std::fs::read(out_dir.join("newdir/fromhost")).unwrap(), into);
+    assert_eq!(
+        std::fs::read(out_dir.join("newdir/fromhost")).unwrap(),
+        into
+    );
     assert_eq!(
         std::fs::read(out_dir.join("newdir/big")).unwrap(),
         vec![0u8; 300_000]
     );
-    assert!(
-        lines_sorted(&fx.ok(["diff", "changed"])).contains(&"A /newdir/fromhost".to_string())
-    );
+    assert!(lines_sorted(&fx.ok(["diff", "changed"])).contains(&"A /newdir/fromhost".to_string()));
     fx.phase("export and cp");
 
     // docker commit: the container layer becomes an image layer.
     let committed = format!("{}:1", testkit::unique_name("committed"));
     fx.ok(["commit", "changed", &committed]);
     assert_eq!(
-        fx.ok(["image", "inspect", "-f", "{{len .RootFS.Layers}}", &committed])
-            .trim(),
+        fx.ok([
+            "image",
+            "inspect",
+            "-f",
+            "{{len .RootFS.Layers}}",
+            &committed
+        ])
+        .trim(),
         "4"
     );
     let committed_check = "cat /data/keep /newdir/f; ls /data; stat -c '%a %u:%g' /data/owned; \
@@ -1003,7 +1063,10 @@ fn images_containers_and_diffs_through_dockerd() {
         "RBD images after rmi: {images_now:?}"
     );
     let loaded = fx.ok(["load".as_ref(), "-i".as_ref(), save.as_os_str()]);
-    assert!(loaded.contains(&committed) && loaded.contains(&special), "{loaded}");
+    assert!(
+        loaded.contains(&committed) && loaded.contains(&special),
+        "{loaded}"
+    );
     assert_eq!(
         fx.ok(["image", "inspect", "-f", "{{.Id}}", &committed]),
         committed_id
@@ -1037,7 +1100,17 @@ fn containers_persist_and_survive_a_plugin_crash() {
     // docker run writes, exits; docker start runs it again on the same data.
     let script = "echo run >> /log; cat /log";
     assert_eq!(
-        fx.ok(["run", "--network", "none", "--name", "persist", busybox, "sh", "-c", script]),
+        fx.ok([
+            "run",
+            "--network",
+            "none",
+            "--name",
+            "persist",
+            busybox,
+            "sh",
+            "-c",
+            script
+        ]),
         "run\n"
     );
     assert_eq!(fx.ok(["start", "-a", "persist"]), "run\nrun\n");
@@ -1060,7 +1133,9 @@ fn containers_persist_and_survive_a_plugin_crash() {
     ]);
     let count = |fx: &Fixture| -> u64 {
         let out = fx.ok(["exec", "runner", "sh", "-c", "wc -l < /grow"]);
-        out.trim().parse().unwrap_or_else(|_| panic!("wc -l: {out:?}"))
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("wc -l: {out:?}"))
     };
     let grows_past = |fx: &Fixture, n: u64| -> u64 {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1075,7 +1150,13 @@ fn containers_persist_and_survive_a_plugin_crash() {
     };
     grows_past(&fx, 2);
     assert_eq!(
-        fx.ok(["exec", "runner", "sh", "-c", "echo from-exec > /exec.txt; cat /exec.txt"]),
+        fx.ok([
+            "exec",
+            "runner",
+            "sh",
+            "-c",
+            "echo from-exec > /exec.txt; cat /exec.txt"
+        ]),
         "from-exec\n"
     );
     let body = pattern(3 << 20, 11);
@@ -1086,8 +1167,14 @@ fn containers_persist_and_survive_a_plugin_crash() {
         "runner:/copied.bin".as_ref(),
     ]);
     assert_eq!(
-        fx.ok(["exec", "runner", "sh", "-c", "sha256sum /copied.bin | cut -d' ' -f1"])
-            .trim(),
+        fx.ok([
+            "exec",
+            "runner",
+            "sh",
+            "-c",
+            "sha256sum /copied.bin | cut -d' ' -f1"
+        ])
+        .trim(),
         testkit::sha256::hex_digest(&body)
     );
     fx.ok([
@@ -1104,7 +1191,10 @@ fn containers_persist_and_survive_a_plugin_crash() {
         .unwrap_or_else(|| panic!("no Image in {data:?}"))
         .clone();
     let image_name = image.rsplit('/').next().unwrap().to_string();
-    assert_eq!(image, format!("{}/{}/{image_name}", fx.ceph.pool, fx.namespace));
+    assert_eq!(
+        image,
+        format!("{}/{}/{image_name}", fx.ceph.pool, fx.namespace)
+    );
     assert!(fx.rbd_images().contains(&image_name));
     let device = data
         .get("Device")
@@ -1123,20 +1213,52 @@ fn containers_persist_and_survive_a_plugin_crash() {
     );
     let layer_id = image_name.rsplit('.').next().unwrap().to_string();
     let mountpoint = home.join("mnt").join(&layer_id);
-    assert_eq!(data.get("MountPoint"), Some(&mountpoint.display().to_string()));
+    assert_eq!(
+        data.get("MountPoint"),
+        Some(&mountpoint.display().to_string())
+    );
     assert!(docker_rbd::fs::is_mounted(&mountpoint));
     let status = fx.driver_status();
-    assert_eq!(status.get("Mounted Layers").map(String::as_str), Some("1"), "{status:?}");
+    assert_eq!(
+        status.get("Mounted Layers").map(String::as_str),
+        Some("1"),
+        "{status:?}"
+    );
     let servers_before = fuse_servers_under(&home);
     assert_eq!(servers_before.len(), 1, "FUSE servers: {servers_before:?}");
     fx.phase("exec, cp and inspect on a running container");
 
-    // The plugin crashes under the running container.
+    // The plugin crashes under the running container. dockerd cannot
+    // inspect or exec meanwhile (it asks the plugin for GetMetadata), so
+    // watch the container's file through the layer's mount.
+    let rootfs = mountpoint.join("rootfs");
+    let host_count = || -> u64 {
+        std::fs::read_to_string(rootfs.join("grow"))
+            .map(|t| t.lines().count() as u64)
+            .unwrap_or_else(|e| panic!("read the container's /grow from the host: {e}"))
+    };
     let before = count(&fx);
+    assert!(host_count() >= before);
     fx.kill_plugin();
-    let during = grows_past(&fx, before + 5);
-    assert_eq!(fx.ok(["exec", "runner", "cat", "/exec.txt"]), "from-exec\n");
-    fx.phase(&format!("plugin killed; /grow went from {before} to {during} lines"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let during = loop {
+        let c = host_count();
+        if c > before + 5 {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/grow stuck at {c} lines after the plugin died"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        std::fs::read(rootfs.join("exec.txt")).unwrap(),
+        b"from-exec\n"
+    );
+    fx.phase(&format!(
+        "plugin killed; /grow went from {before} to {during} lines"
+    ));
     fx.start_plugin();
     let after = grows_past(&fx, during + 5);
     let log = fx.plugin.as_ref().unwrap().log();
@@ -1146,8 +1268,16 @@ fn containers_persist_and_survive_a_plugin_crash() {
         tail(&log, 30)
     );
     let status = fx.driver_status();
-    assert_eq!(status.get("Mounted Layers").map(String::as_str), Some("1"), "{status:?}");
-    assert_eq!(status.get("Layers").map(String::as_str), Some("3"), "{status:?}");
+    assert_eq!(
+        status.get("Mounted Layers").map(String::as_str),
+        Some("1"),
+        "{status:?}"
+    );
+    assert_eq!(
+        status.get("Layers").map(String::as_str),
+        Some("3"),
+        "{status:?}"
+    );
     assert_eq!(
         fuse_servers_under(&home),
         servers_before,
@@ -1158,14 +1288,20 @@ fn containers_persist_and_survive_a_plugin_crash() {
 
     // stop (Put through the restarted plugin), start, rm.
     fx.ok(["stop", "-t", "1", "runner"]);
-    assert!(!docker_rbd::fs::is_mounted(&mountpoint), "unmounted on stop");
+    assert!(
+        !docker_rbd::fs::is_mounted(&mountpoint),
+        "unmounted on stop"
+    );
     // Detached (another test may have attached the same number since).
     let reattached = loopdev::backing_file(loop_number);
     assert!(
         reattached.as_ref().is_none_or(|b| !b.starts_with(&home)),
         "loop{loop_number} still backed by {reattached:?} after stop"
     );
-    assert!(fuse_servers_under(&home).is_empty(), "FUSE server left after stop");
+    assert!(
+        fuse_servers_under(&home).is_empty(),
+        "FUSE server left after stop"
+    );
     let stopped_at = {
         fx.ok(["start", "runner"]);
         count(&fx)
@@ -1174,8 +1310,14 @@ fn containers_persist_and_survive_a_plugin_crash() {
     grows_past(&fx, stopped_at + 3);
     assert_eq!(fx.ok(["exec", "runner", "cat", "/exec.txt"]), "from-exec\n");
     assert_eq!(
-        fx.ok(["exec", "runner", "sh", "-c", "sha256sum /copied.bin | cut -d' ' -f1"])
-            .trim(),
+        fx.ok([
+            "exec",
+            "runner",
+            "sh",
+            "-c",
+            "sha256sum /copied.bin | cut -d' ' -f1"
+        ])
+        .trim(),
         testkit::sha256::hex_digest(&body)
     );
     fx.ok(["stop", "-t", "1", "runner"]);
@@ -1245,7 +1387,9 @@ fn storage_opt_size_grows_limits_and_rejects() {
         .find_map(|l| l.strip_prefix("rc="))
         .unwrap_or_else(|| panic!("{out}"));
     assert_ne!(rc, "0", "dd succeeded past the limit:\n{out}");
-    let written: u64 = lines[lines.len() - 2].parse().unwrap_or_else(|_| panic!("{out}"));
+    let written: u64 = lines[lines.len() - 2]
+        .parse()
+        .unwrap_or_else(|_| panic!("{out}"));
     assert!(
         (16 << 20..64 << 20).contains(&written),
         "wrote {written} bytes under size=64M:\n{out}"
@@ -1282,7 +1426,10 @@ fn storage_opt_size_grows_limits_and_rejects() {
         busybox,
         "true",
     ]);
-    assert!(err.contains("colour"), "the error does not name the option: {err}");
+    assert!(
+        err.contains("colour"),
+        "the error does not name the option: {err}"
+    );
     assert_eq!(fx.ok(["ps", "-aq"]), "", "failed runs left containers");
     assert_eq!(
         fx.layer_records().len(),
@@ -1301,8 +1448,7 @@ fn storage_opt_size_grows_limits_and_rejects() {
 #[test]
 fn deep_chains_and_hostile_layers() {
     let test = "deep_chains_and_hostile_layers";
-    let Some(fx) = Fixture::start(test, &["--flatten-depth", "8"], Duration::from_secs(900))
-    else {
+    let Some(fx) = Fixture::start(test, &["--flatten-depth", "8"], Duration::from_secs(900)) else {
         return;
     };
 
@@ -1324,7 +1470,11 @@ fn deep_chains_and_hostile_layers() {
     // The layers: none deeper than the threshold, in the records and in RBD.
     fx.ok(["create", "--network", "none", "--name", "deep", &chain]);
     let records = fx.layer_records();
-    assert_eq!(records.len(), n + 2, "60 image layers, an init and a container layer");
+    assert_eq!(
+        records.len(),
+        n + 2,
+        "60 image layers, an init and a container layer"
+    );
     let mut flattened = 0;
     for (id, rec) in &records {
         assert!(rec.depth <= 8, "layer {id} has depth {}", rec.depth);
@@ -1353,7 +1503,11 @@ fn deep_chains_and_hostile_layers() {
     let canary = fx.path("canary");
     std::fs::create_dir(&canary).unwrap();
     std::fs::write(canary.join("sentinel"), b"original\n").unwrap();
-    let canary_rel = canary.display().to_string().trim_start_matches('/').to_string();
+    let canary_rel = canary
+        .display()
+        .to_string()
+        .trim_start_matches('/')
+        .to_string();
     let base = Layer::busybox().unwrap().to_tar().unwrap();
     let climbs = "../".repeat(24);
 
@@ -1370,7 +1524,9 @@ fn deep_chains_and_hostile_layers() {
         let repo = format!("{}:1", testkit::unique_name(tag));
         let path = fx.path(&format!("{tag}.tar"));
         std::fs::write(&path, save_tar(&repo, &[base.clone(), layer])).unwrap();
-        let out = fx.d().docker(["load".as_ref(), "-i".as_ref(), path.as_os_str()]);
+        let out = fx
+            .d()
+            .docker(["load".as_ref(), "-i".as_ref(), path.as_os_str()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success(),
@@ -1393,7 +1549,9 @@ fn deep_chains_and_hostile_layers() {
     let path = fx.path("symlink.tar");
     let through = through.to_tar().unwrap();
     std::fs::write(&path, save_tar(&repo, &[base.clone(), through])).unwrap();
-    let out = fx.d().docker(["load".as_ref(), "-i".as_ref(), path.as_os_str()]);
+    let out = fx
+        .d()
+        .docker(["load".as_ref(), "-i".as_ref(), path.as_os_str()]);
     if out.status.success() {
         // Confined: the symlink resolves inside the layer, as in a chroot.
         let inside = fx.run_sh(
@@ -1420,8 +1578,15 @@ fn deep_chains_and_hostile_layers() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     canary_files.sort();
-    assert_eq!(canary_files, vec!["sentinel"], "files appeared in the canary");
-    assert_eq!(std::fs::read(canary.join("sentinel")).unwrap(), b"original\n");
+    assert_eq!(
+        canary_files,
+        vec!["sentinel"],
+        "files appeared in the canary"
+    );
+    assert_eq!(
+        std::fs::read(canary.join("sentinel")).unwrap(),
+        b"original\n"
+    );
     for outside in [
         fx.driver_home().join("mnt/escape"),
         fx.driver_home().join("escape"),
@@ -1436,10 +1601,7 @@ fn deep_chains_and_hostile_layers() {
     if !images_left.is_empty() {
         // Busybox layers of refused loads are never tagged; nothing should be
         // left, but say what it is if it is.
-        panic!(
-            "images left: {images_left}\n{}",
-            fx.ok(["images", "-a"])
-        );
+        panic!("images left: {images_left}\n{}", fx.ok(["images", "-a"]));
     }
     fx.assert_everything_removed();
 }
