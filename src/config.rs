@@ -62,18 +62,9 @@ impl fmt::Display for FsType {
     }
 }
 
-/// How to reach the Ceph cluster, named as the `rbd` tool names it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CephSettings {
-    /// `-c/--conf`: ceph.conf path (librados default search when unset).
-    pub conf: Option<PathBuf>,
-    /// `--id`: cephx client id without `client.` (librados default `admin`).
-    pub id: Option<String>,
-    /// `-k/--keyring`: keyring path.
-    pub keyring: Option<PathBuf>,
-    /// `--cluster`: cluster name (default `ceph`).
-    pub cluster: Option<String>,
-}
+/// How to reach the Ceph cluster, named as the `rbd` tool names it (`conf`,
+/// `id`, `keyring`, `cluster`); the mappers hand the same to the tools.
+pub type CephSettings = crate::mapper::CephConnection;
 
 /// The driver's complete, validated settings.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -53,10 +53,12 @@ impl Fixture {
         ] {
             raw.set(k, &v, Source::Flag);
         }
+        // Per-test settings override the defaults above, as flags do a file.
+        let mut over = RawSettings::default();
         for (k, v) in extra {
-            raw.set(k, v, Source::Flag);
+            over.set(k, v, Source::StorageOpt);
         }
-        let settings = raw.resolve().expect("test settings");
+        let settings = raw.overlay(over).resolve().expect("test settings");
         let rados = Rados::connect(&ConnectConfig {
             conf: Some(ceph.conf.clone()),
             id: Some(ceph.id.clone()),
@@ -506,4 +508,108 @@ fn a_parent_still_mounted_writable_is_frozen_for_its_snapshot() {
     engine.put(&parent).unwrap();
     engine.remove(&child).unwrap();
     engine.remove(&parent).unwrap();
+}
+
+#[test]
+fn xfs_layers_clone_seal_and_grow() {
+    let Some(fx) = Fixture::new(
+        "xfs_layers_clone_seal_and_grow",
+        &[("fs", "xfs"), ("basesize", "512M")],
+    ) else {
+        return;
+    };
+    let engine = fx.engine();
+    let (l1, l2, big) = (hex(101), hex(102), hex(103));
+    engine.create(&l1, "", &image_layer()).unwrap();
+    let root = engine.get(&l1, "").unwrap();
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    std::fs::write(root.join("f"), b"xfs").unwrap();
+    engine.put(&l1).unwrap();
+    // Every clone shares the base filesystem's UUID: mounting a parent and
+    // its child together needs nouuid.
+    engine.create(&l2, &l1, &image_layer()).unwrap();
+    let parent = engine.get(&l1, "").unwrap();
+    let child = engine.get(&l2, "").unwrap();
+    assert_eq!(std::fs::read(child.join("f")).unwrap(), b"xfs");
+    assert_eq!(
+        std::fs::write(parent.join("g"), b"x")
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+    engine.put(&l1).unwrap();
+    engine.put(&l2).unwrap();
+
+    engine.create(&big, "", &rw_layer(Some(1 << 30))).unwrap();
+    let root = engine.get(&big, "").unwrap();
+    let stat = nix::sys::statvfs::statvfs(&root).unwrap();
+    assert!(
+        stat.blocks() * stat.fragment_size() > 900 << 20,
+        "xfs grown online to the image"
+    );
+    engine.put(&big).unwrap();
+
+    // xfs cannot shrink: a limit below the base size is a project quota,
+    // which needs a kernel with XFS quota support.
+    let quota = engine.create(&hex(104), "", &rw_layer(Some(128 << 20)));
+    match quota {
+        Ok(()) => {
+            let root = engine.get(&hex(104), "").unwrap();
+            let err = std::fs::write(root.join("big"), vec![1u8; 200 << 20]).unwrap_err();
+            assert!(
+                matches!(err.raw_os_error(), Some(libc::EDQUOT) | Some(libc::ENOSPC)),
+                "{err}"
+            );
+            engine.put(&hex(104)).unwrap();
+            engine.remove(&hex(104)).unwrap();
+        }
+        Err(e) => {
+            let text = format!("{:#}", anyhow::Error::from(e));
+            assert!(text.contains("mount") || text.contains("quota"), "{text}");
+            assert!(
+                fx.record(&engine, &hex(104)).is_none(),
+                "a failed create leaves no record"
+            );
+        }
+    }
+    for id in [&l2, &l1, &big] {
+        engine.remove(id).unwrap();
+    }
+}
+
+#[test]
+fn an_unreachable_cluster_fails_init_quickly() {
+    if !testkit::require::check(
+        "an_unreachable_cluster_fails_init_quickly",
+        testkit::require::root(),
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("ceph.conf");
+    std::fs::write(&conf, "[global]\nmon host = 127.0.0.1:1\nauth cluster required = none\nauth service required = none\nauth client required = none\n").unwrap();
+    let mut raw = RawSettings::default();
+    raw.set("conf", &conf.display().to_string(), Source::Flag);
+    raw.set("connecttimeout", "2", Source::Flag);
+    raw.set("mapper", "fuse", Source::Flag);
+    let started = std::time::Instant::now();
+    let err = match Engine::open_with(
+        raw.resolve().unwrap(),
+        &dir.path().join("home"),
+        fuse_helper(),
+    ) {
+        Ok(_) => panic!("connected to a closed port"),
+        Err(e) => e,
+    };
+    let elapsed = started.elapsed();
+    assert!(matches!(err, EngineError::Connect { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("cannot connect to the Ceph cluster"),
+        "{err}"
+    );
+    assert!(
+        elapsed < std::time::Duration::from_secs(20),
+        "took {elapsed:?}"
+    );
 }

@@ -35,7 +35,7 @@ use ceph_client::{ConnectConfig, IoCtx, Rados};
 use crate::config::Settings;
 use crate::localstate::{LocalState, StateError};
 use crate::mapper::fuse::HelperCommand;
-use crate::mapper::{self, CephConnection, Mapper, MapperConfig};
+use crate::mapper::{self, Mapper, MapperConfig};
 use crate::names::{InvalidLayerId, LayerId};
 
 pub use layers::{CreateOptions, LayerInfo};
@@ -242,13 +242,7 @@ impl Engine {
                 .map_err(connect_err(&settings.pool))?,
         );
         let store = metadata::Store::new(ioctx.clone(), settings.naming.metadata_prefix());
-        let connection = CephConnection {
-            conf: settings.ceph.conf.clone(),
-            id: settings.ceph.id.clone(),
-            keyring: settings.ceph.keyring.clone(),
-            cluster: settings.ceph.cluster.clone(),
-        };
-        let mut mapper_config = MapperConfig::new(connection);
+        let mut mapper_config = MapperConfig::new(settings.ceph.clone());
         mapper_config.fuse.run_dir = home.join("fuse");
         mapper_config.fuse.helper = fuse_helper;
         let runner = mapper_config.runner.clone();
