@@ -18,9 +18,11 @@
 //!   so a restarted daemon adopts live mounts and clears stale ones
 //!   ([`Engine::recover`]).
 //!
-//! Concurrency: every operation on a layer holds that layer's lock
-//! ([`locks`]); an operation touching a layer and its parent takes both in id
-//! order, so two operations never wait on each other in a cycle.
+//! Concurrency: every operation on a layer holds that layer's lock within
+//! this daemon (`locks`); an operation touching a layer and its parent
+//! takes both at once, so two operations never wait on each other in a
+//! cycle. Across hosts, the metadata store's compare-and-set and the base
+//! image's RADOS lock serialise what must be serialised.
 
 pub mod base;
 pub mod layers;

@@ -4,7 +4,7 @@
 //! `<home>/mnt/<id>/rootfs`, the same path on every call. Each step is
 //! recorded in the local state before it is taken (`Mapping`, then
 //! `Mounting` with the device, then `Mounted` with the count), so after a
-//! crash [`Engine::recover_mounts`] knows exactly what may exist: a
+//! crash `Engine::recover_mounts` knows exactly what may exist: a
 //! `Mounted` layer whose mount and device are still there is adopted with
 //! its count (a running container keeps running, and its later `Put`s
 //! balance); anything else is unmounted and unmapped.
