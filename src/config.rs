@@ -323,111 +323,60 @@ impl RawSettings {
 
     /// Applies defaults and validates every value.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
-        let mut problems = self.problems;
-        let values = self.values;
-        let get = |key: &'static str, default: &str| -> (String, Source) {
-            values
-                .get(key)
-                .cloned()
-                .unwrap_or_else(|| (default.to_string(), Source::Flag))
+        let mut r = Resolver {
+            values: self.values,
+            problems: self.problems,
         };
-        let mut check = |key: &str, source: Source, result: Result<(), String>| {
-            if let Err(message) = result {
-                problems.push(Problem {
-                    source,
-                    message: format!("rbd.{key}: {message}"),
-                });
-            }
-        };
-
-        let opt = |v: String| (!v.is_empty()).then_some(v);
+        let text = |v: &str| Ok::<_, String>(v.to_string());
+        let optional = |v: &str| Ok::<_, String>((!v.is_empty()).then(|| v.to_string()));
         let ceph = CephSettings {
-            conf: opt(get("conf", "").0).map(PathBuf::from),
-            id: opt(get("id", "").0),
-            keyring: opt(get("keyring", "").0).map(PathBuf::from),
-            cluster: opt(get("cluster", "").0),
+            conf: r.take("conf", "", optional).flatten().map(PathBuf::from),
+            id: r.take("id", "", optional).flatten(),
+            keyring: r.take("keyring", "", optional).flatten().map(PathBuf::from),
+            cluster: r.take("cluster", "", optional).flatten(),
         };
-        let (pool, src) = get("pool", "rbd");
-        check(
-            "pool",
-            src,
-            if pool.is_empty() {
-                Err("must not be empty".into())
+        let pool = r.take("pool", "rbd", |v| {
+            if v.is_empty() {
+                Err("must not be empty".to_string())
             } else {
-                Ok(())
-            },
-        );
-        let (namespace, _) = get("namespace", "");
-
-        let (fs_text, src) = get("fs", "ext4");
-        let fs = fs_text.parse::<FsType>();
-        check("fs", src, fs.as_ref().map(|_| ()).map_err(Clone::clone));
-
-        let (size_text, src) = get("basesize", "10G");
-        let base_size = parse_size(&size_text)
-            .map_err(|e| e.to_string())
-            .and_then(|s| {
-                if s < 64 << 20 {
-                    Err(format!("{} is below the 64 MiB minimum", format_size(s)))
-                } else {
-                    Ok(s)
-                }
-            });
-        check(
-            "basesize",
-            src,
-            base_size.as_ref().map(|_| ()).map_err(Clone::clone),
-        );
-
-        let (mapper_text, src) = get("mapper", "auto");
-        let mapper = mapper_text.parse::<MapperKind>().map_err(|e| e.to_string());
-        check(
-            "mapper",
-            src,
-            mapper.as_ref().map(|_| ()).map_err(Clone::clone),
-        );
-
-        let (depth_text, src) = get("flattendepth", "8");
-        let flatten_depth = depth_text
-            .parse::<u32>()
-            .map_err(|_| format!("{depth_text:?} is not a whole number"))
-            .and_then(|d| {
-                if (1..=15).contains(&d) {
-                    Ok(d)
-                } else {
-                    Err(format!(
-                        "{d} is outside 1..=15 (krbd maps at most 16 ancestors)"
-                    ))
-                }
-            });
-        check(
-            "flattendepth",
-            src,
-            flatten_depth.as_ref().map(|_| ()).map_err(Clone::clone),
-        );
-
-        let (prefix, src) = get("imageprefix", Naming::DEFAULT_PREFIX);
-        let naming = Naming::new(&prefix);
-        check(
-            "imageprefix",
-            src,
-            naming.as_ref().map(|_| ()).map_err(Clone::clone),
-        );
-
-        let (timeout_text, src) = get("connecttimeout", "10");
-        let connect_timeout = timeout_text
-            .parse::<u64>()
-            .ok()
-            .filter(|s| (1..=600).contains(s))
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("{timeout_text:?} is not a number of seconds from 1 to 600"));
-        check(
-            "connecttimeout",
-            src,
-            connect_timeout.as_ref().map(|_| ()).map_err(Clone::clone),
-        );
+                Ok(v.to_string())
+            }
+        });
+        let namespace = r.take("namespace", "", text);
+        let fs = r.take("fs", "ext4", str::parse::<FsType>);
+        let base_size = r.take("basesize", "10G", |v| {
+            let size = parse_size(v).map_err(|e| e.to_string())?;
+            if size < 64 << 20 {
+                return Err(format!("{} is below the 64 MiB minimum", format_size(size)));
+            }
+            Ok(size)
+        });
+        let mapper = r.take("mapper", "auto", |v| {
+            v.parse::<MapperKind>().map_err(|e| e.to_string())
+        });
+        let flatten_depth = r.take("flattendepth", "8", |v| {
+            let depth = v
+                .parse::<u32>()
+                .map_err(|_| format!("{v:?} is not a whole number"))?;
+            if !(1..=15).contains(&depth) {
+                return Err(format!(
+                    "{depth} is outside 1..=15 (krbd maps at most 16 ancestors)"
+                ));
+            }
+            Ok(depth)
+        });
+        let naming = r.take("imageprefix", Naming::DEFAULT_PREFIX, Naming::new);
+        let connect_timeout = r.take("connecttimeout", "10", |v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|s| (1..=600).contains(s))
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("{v:?} is not a number of seconds from 1 to 600"))
+        });
 
         match (
+            pool,
+            namespace,
             fs,
             base_size,
             mapper,
@@ -436,13 +385,15 @@ impl RawSettings {
             connect_timeout,
         ) {
             (
-                Ok(fs),
-                Ok(base_size),
-                Ok(mapper),
-                Ok(flatten_depth),
-                Ok(naming),
-                Ok(connect_timeout),
-            ) if problems.is_empty() => Ok(Settings {
+                Some(pool),
+                Some(namespace),
+                Some(fs),
+                Some(base_size),
+                Some(mapper),
+                Some(flatten_depth),
+                Some(naming),
+                Some(connect_timeout),
+            ) if r.problems.is_empty() => Ok(Settings {
                 ceph,
                 pool,
                 namespace,
@@ -453,7 +404,42 @@ impl RawSettings {
                 naming,
                 connect_timeout,
             }),
-            _ => Err(ConfigError::Invalid { problems }),
+            _ => Err(ConfigError::Invalid {
+                problems: r.problems,
+            }),
+        }
+    }
+}
+
+/// Turns raw values into typed ones, collecting every problem.
+struct Resolver {
+    values: BTreeMap<&'static str, (String, Source)>,
+    problems: Vec<Problem>,
+}
+
+impl Resolver {
+    /// The value of `key` (or `default`) parsed by `parse`; a parse error is
+    /// recorded as a problem naming the key and where its value came from.
+    fn take<T, E: ToString>(
+        &mut self,
+        key: &'static str,
+        default: &str,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> Option<T> {
+        let (value, source) = self
+            .values
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| (default.to_string(), Source::Flag));
+        match parse(&value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.problems.push(Problem {
+                    source,
+                    message: format!("rbd.{key}: {}", e.to_string()),
+                });
+                None
+            }
         }
     }
 }

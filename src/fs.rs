@@ -241,54 +241,12 @@ pub fn umount(target: &Path) -> Result<(), FsError> {
 /// Whether something is mounted exactly at `target`, from
 /// `/proc/self/mountinfo`.
 pub fn is_mounted(target: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = target.as_os_str().as_bytes();
-    info.lines().any(|line| {
-        line.split(' ')
-            .nth(4)
-            .is_some_and(|mp| unescape_mountinfo(mp).as_slice() == want)
-    })
+    crate::mapper::sys::mount_at(target).is_some()
 }
 
-/// The source device of the mount at `target`, from `/proc/self/mountinfo`.
+/// The source device of the topmost mount at `target`.
 pub fn mount_source(target: &Path) -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = target.as_os_str().as_bytes();
-    info.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.get(4).map(|mp| unescape_mountinfo(mp)).as_deref() != Some(want) {
-            return None;
-        }
-        let sep = fields.iter().position(|f| *f == "-")?;
-        let source = fields.get(sep + 2)?;
-        Some(PathBuf::from(std::ffi::OsStr::from_bytes(
-            &unescape_mountinfo(source),
-        )))
-    })
-}
-
-fn unescape_mountinfo(field: &str) -> Vec<u8> {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    out
+    crate::mapper::sys::mount_at(target).map(|m| PathBuf::from(m.source))
 }
 
 /// Flushes the filesystem mounted at `path` (`syncfs(2)`).
@@ -546,10 +504,12 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), b"/a b".to_vec());
-        assert_eq!(unescape_mountinfo("/plain"), b"/plain".to_vec());
+    fn mount_lookup() {
         assert!(is_mounted(Path::new("/proc")));
+        assert_eq!(
+            mount_source(Path::new("/proc")),
+            Some(PathBuf::from("proc"))
+        );
         assert!(!is_mounted(Path::new("/definitely/not/mounted")));
     }
 }

@@ -43,7 +43,7 @@ pub mod fuse;
 pub mod krbd;
 pub mod nbd;
 pub mod runner;
-mod sys;
+pub(crate) mod sys;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
