@@ -1118,6 +1118,72 @@ fn containers_persist_and_survive_a_plugin_crash() {
     fx.ok(["rm", "persist"]);
     fx.phase("run and start");
 
+    // Three containers at once on a freshly loaded image: their init layers
+    // race to seal the same parent, which must end with one snapshot.
+    let fan = format!("{}:1", testkit::unique_name("fan"));
+    let fan_tar = fx.path("fan.tar");
+    images::Image::new(
+        &fan,
+        vec![
+            Layer::busybox().unwrap(),
+            Layer::new().file("fan", "out\n", 0o644),
+        ],
+    )
+    .write_save_tar(&fan_tar)
+    .unwrap();
+    fx.ok(["load".as_ref(), "-i".as_ref(), fan_tar.as_os_str()]);
+    let (_, fan_data) = fx.graph_driver(&fan);
+    let fan_image = fan_data["Image"].rsplit('/').next().unwrap().to_string();
+    let d = fx.d();
+    let outputs: Vec<std::process::Output> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..3)
+            .map(|i| {
+                let fan = &fan;
+                s.spawn(move || {
+                    d.docker([
+                        "run",
+                        "--rm",
+                        "--network",
+                        "none",
+                        fan.as_str(),
+                        "sh",
+                        "-c",
+                        &format!("cat /fan; echo {i} > /mine; cat /mine"),
+                    ])
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (i, out) in outputs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "concurrent run {i} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            fx.plugin_log_tail(40)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("out\n{i}\n"));
+    }
+    let snaps = Image::open_read_only(&fx.ioctx, &fan_image, None)
+        .unwrap()
+        .snap_list()
+        .unwrap();
+    assert_eq!(
+        snaps.len(),
+        1,
+        "{fan_image} has snapshots {:?}",
+        snaps.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        fx.layer_records().len(),
+        2,
+        "the busybox layer (shared by the import and the fan image, same diff id) \
+         and the fan layer after the --rm runs: {:?}",
+        fx.layer_records()
+    );
+    fx.ok(["rmi", &fan]);
+    fx.phase("three concurrent runs on an unsealed parent");
+
     // A running container: exec, cp both ways, inspect.
     fx.ok([
         "run",
@@ -1228,6 +1294,45 @@ fn containers_persist_and_survive_a_plugin_crash() {
     assert_eq!(servers_before.len(), 1, "FUSE servers: {servers_before:?}");
     fx.phase("exec, cp and inspect on a running container");
 
+    // commit, export and diff of the running container (Get while it is
+    // mounted: reference counted).
+    let snapshot = format!("{}:1", testkit::unique_name("running"));
+    let at_commit = count(&fx);
+    fx.ok(["commit", "runner", &snapshot]);
+    let out = fx.run_sh(&snapshot, "cat /exec.txt; wc -l < /grow; ls /copied.bin");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0], "from-exec");
+    assert!(
+        lines[1].parse::<u64>().unwrap() >= at_commit,
+        "the commit has {} lines of /grow, the container had {at_commit} before",
+        lines[1]
+    );
+    assert_eq!(lines[2], "/copied.bin");
+    fx.ok(["rmi", &snapshot]);
+    let export = fx.path("runner.tar");
+    fx.ok([
+        "export".as_ref(),
+        "-o".as_ref(),
+        export.as_os_str(),
+        "runner".as_ref(),
+    ]);
+    let files = tar_map(&std::fs::read(&export).unwrap());
+    assert_eq!(files["exec.txt"].data, b"from-exec\n");
+    assert_eq!(files["copied.bin"].data, body);
+    assert_eq!(
+        lines_sorted(&fx.ok(["diff", "runner"])),
+        vec!["A /copied.bin", "A /exec.txt", "A /grow"]
+    );
+    assert!(docker_rbd::fs::is_mounted(&mountpoint), "still mounted");
+    let status = fx.driver_status();
+    assert_eq!(
+        status.get("Mounted Layers").map(String::as_str),
+        Some("1"),
+        "{status:?}"
+    );
+    fx.phase("commit, export and diff of the running container");
+
     // The plugin crashes under the running container. dockerd cannot
     // inspect or exec meanwhile (it asks the plugin for GetMetadata), so
     // watch the container's file through the layer's mount.
@@ -1286,6 +1391,33 @@ fn containers_persist_and_survive_a_plugin_crash() {
     assert_eq!(loopdev::backing_file(loop_number), Some(backing.clone()));
     fx.phase(&format!("plugin restarted; /grow at {after} lines"));
 
+    // Get and Put pairs on the adopted mount (cp, diff) leave it mounted
+    // under the running container.
+    std::fs::write(fx.path("after-restart"), b"after restart\n").unwrap();
+    fx.ok([
+        "cp".as_ref(),
+        fx.path("after-restart").as_os_str(),
+        "runner:/after-restart".as_ref(),
+    ]);
+    assert_eq!(
+        lines_sorted(&fx.ok(["diff", "runner"])),
+        vec![
+            "A /after-restart",
+            "A /copied.bin",
+            "A /exec.txt",
+            "A /grow"
+        ]
+    );
+    assert!(
+        docker_rbd::fs::is_mounted(&mountpoint),
+        "a Put after the restart unmounted the running container's layer"
+    );
+    let after = grows_past(&fx, after + 3);
+    assert_eq!(
+        fx.ok(["exec", "runner", "cat", "/after-restart"]),
+        "after restart\n"
+    );
+
     // stop (Put through the restarted plugin), start, rm.
     fx.ok(["stop", "-t", "1", "runner"]);
     assert!(
@@ -1323,6 +1455,28 @@ fn containers_persist_and_survive_a_plugin_crash() {
     fx.ok(["stop", "-t", "1", "runner"]);
     fx.ok(["rm", "runner"]);
     fx.phase("stop, start and rm after the crash");
+
+    // dockerd restarts on the running plugin (Init again, same settings);
+    // a stopped container keeps its data.
+    fx.ok([
+        "run",
+        "--network",
+        "none",
+        "--name",
+        "keeper",
+        busybox,
+        "sh",
+        "-c",
+        "echo kept >> /kept; cat /kept",
+    ]);
+    fx.dockerd
+        .as_mut()
+        .unwrap()
+        .restart()
+        .unwrap_or_else(|e| panic!("dockerd restart: {e}\n{}", fx.plugin_log_tail(40)));
+    assert_eq!(fx.ok(["start", "-a", "keeper"]), "kept\nkept\n");
+    fx.ok(["rm", "keeper"]);
+    fx.phase("dockerd restarted");
 
     fx.ok(["rmi", busybox]);
     fx.assert_everything_removed();
