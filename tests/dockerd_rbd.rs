@@ -1517,44 +1517,99 @@ fn storage_opt_size_grows_limits_and_rejects() {
         "a size=2G container sees {big} KiB"
     );
     fx.phase(&format!("df: {plain} KiB plain, {big} KiB with size=2G"));
-
-    let out = fx.ok([
+    // A grown container layer works as any other: diff, start again.
+    let grown_script = "df -P -k / | tail -n 1 | tr -s ' ' | cut -d' ' -f2; echo big >> /f; cat /f";
+    fx.ok([
         "run",
-        "--rm",
         "--network",
         "none",
+        "--name",
+        "grown",
+        "--storage-opt",
+        "size=2G",
+        busybox,
+        "sh",
+        "-c",
+        grown_script,
+    ]);
+    assert_eq!(lines_sorted(&fx.ok(["diff", "grown"])), vec!["A /f"]);
+    assert_eq!(
+        fx.ok(["start", "-a", "grown"]),
+        format!("{big}\nbig\nbig\n")
+    );
+    let sizes: Vec<(metadata::LayerKind, u64)> = fx
+        .layer_records()
+        .values()
+        .filter(|r| r.kind != metadata::LayerKind::Image)
+        .map(|r| (r.kind, r.size))
+        .collect();
+    assert_eq!(
+        sizes.len(),
+        2,
+        "init and container layer of grown: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().all(|(_, size)| *size == 2 << 30),
+        "layer sizes of a size=2G container: {sizes:?}"
+    );
+    fx.ok(["rm", "grown"]);
+
+    // Below the base size: writes stop with ENOSPC, and the full layer still
+    // starts again.
+    let fill = "dd if=/dev/zero of=/fill bs=1M count=256 conv=fsync 2>&1; echo rc=$?; \
+                stat -c %s /fill; df -P -k / | tail -n 1";
+    let check_full = |out: &str| -> u64 {
+        assert!(
+            out.contains("No space left on device"),
+            "dd did not hit ENOSPC:\n{out}"
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        let rc = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("rc="))
+            .unwrap_or_else(|| panic!("{out}"));
+        assert_ne!(rc, "0", "dd succeeded past the limit:\n{out}");
+        let written: u64 = lines[lines.len() - 2]
+            .parse()
+            .unwrap_or_else(|_| panic!("{out}"));
+        assert!(
+            (16 << 20..64 << 20).contains(&written),
+            "wrote {written} bytes under size=64M:\n{out}"
+        );
+        let total: u64 = lines[lines.len() - 1]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(total <= 64 << 10, "a size=64M container sees {total} KiB");
+        written
+    };
+    let written = check_full(&fx.ok([
+        "run",
+        "--network",
+        "none",
+        "--name",
+        "small",
         "--storage-opt",
         "size=64M",
         busybox,
         "sh",
         "-c",
-        "dd if=/dev/zero of=/fill bs=1M count=256 conv=fsync 2>&1; echo rc=$?; \
-         stat -c %s /fill; df -P -k / | tail -n 1",
-    ]);
-    assert!(
-        out.contains("No space left on device"),
-        "dd did not hit ENOSPC:\n{out}"
-    );
-    let lines: Vec<&str> = out.lines().collect();
-    let rc = lines
-        .iter()
-        .find_map(|l| l.strip_prefix("rc="))
-        .unwrap_or_else(|| panic!("{out}"));
-    assert_ne!(rc, "0", "dd succeeded past the limit:\n{out}");
-    let written: u64 = lines[lines.len() - 2]
-        .parse()
-        .unwrap_or_else(|_| panic!("{out}"));
-    assert!(
-        (16 << 20..64 << 20).contains(&written),
-        "wrote {written} bytes under size=64M:\n{out}"
-    );
-    let total: u64 = lines[lines.len() - 1]
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{out}"));
-    assert!(total <= 64 << 10, "a size=64M container sees {total} KiB");
-    fx.phase(&format!("size=64M: dd stopped after {written} bytes"));
+        fill,
+    ]));
+    assert_eq!(lines_sorted(&fx.ok(["diff", "small"])), vec!["A /fill"]);
+    let again = check_full(&fx.ok(["start", "-a", "small"]));
+    let sizes: Vec<u64> = fx
+        .layer_records()
+        .values()
+        .filter(|r| r.kind != metadata::LayerKind::Image)
+        .map(|r| r.size)
+        .collect();
+    assert_eq!(sizes, vec![64 << 20, 64 << 20], "init and container layer");
+    fx.ok(["rm", "small"]);
+    fx.phase(&format!(
+        "size=64M: dd stopped after {written} bytes, {again} bytes on the second start"
+    ));
 
     let err = fx.fails([
         "run",
