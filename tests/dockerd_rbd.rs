@@ -1659,7 +1659,8 @@ fn storage_opt_size_grows_limits_and_rejects() {
 #[test]
 fn deep_chains_and_hostile_layers() {
     let test = "deep_chains_and_hostile_layers";
-    let Some(fx) = Fixture::start(test, &["--flatten-depth", "8"], Duration::from_secs(900)) else {
+    let Some(mut fx) = Fixture::start(test, &["--flatten-depth", "8"], Duration::from_secs(900))
+    else {
         return;
     };
 
@@ -1671,8 +1672,55 @@ fn deep_chains_and_hostile_layers() {
         .unwrap()
         .write_save_tar(&chain_tar)
         .unwrap();
+    // The plugin is SIGKILLed in the middle of the load and restarted: the
+    // load fails or completes; loading again completes it, and no layer of
+    // the interrupted attempt is left behind (checked below).
+    let mut load = fx.d().docker_command();
+    load.args(["load".as_ref(), "-i".as_ref(), chain_tar.as_os_str()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut load = load.spawn().expect("spawn docker load");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut seen = 0;
+    while seen < 20 {
+        assert!(
+            load.try_wait().unwrap().is_none(),
+            "docker load ended before 20 layers were recorded"
+        );
+        assert!(Instant::now() < deadline, "only {seen} layers after 300 s");
+        std::thread::sleep(Duration::from_millis(100));
+        seen = fx.layer_records().len();
+    }
+    fx.kill_plugin();
+    fx.phase(&format!(
+        "plugin killed during docker load, {seen} layers recorded"
+    ));
+    std::thread::sleep(Duration::from_secs(1));
+    fx.start_plugin();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        if let Some(status) = load.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = load.kill();
+            panic!("docker load did not end within 600 s of the plugin restart");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let output = load.wait_with_output().unwrap();
+    eprintln!(
+        "[{test}] interrupted docker load: {status}; stdout {:?}; stderr {:?}",
+        String::from_utf8_lossy(&output.stdout).trim(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
     let loaded = fx.ok(["load".as_ref(), "-i".as_ref(), chain_tar.as_os_str()]);
     assert!(loaded.contains(&chain), "{loaded}");
+    assert_eq!(
+        fx.layer_records().len(),
+        n,
+        "layers recorded after the interrupted and the repeated load"
+    );
     fx.phase("loaded the 60-layer image");
     let out = fx.run_sh(&chain, "ls /chain; cat /depth");
     let mut want = images::chain_expected(n).join("\n");
@@ -1702,6 +1750,13 @@ fn deep_chains_and_hostile_layers() {
         }
     }
     assert!(flattened >= 6, "only {flattened} layers were flattened");
+    let recorded: BTreeSet<String> = records.values().map(|r| r.image.clone()).collect();
+    let in_rbd: BTreeSet<String> = fx
+        .rbd_images()
+        .into_iter()
+        .filter(|i| !fx.naming.is_base_image(i))
+        .collect();
+    assert_eq!(in_rbd, recorded, "RBD images and layer records differ");
     assert_eq!(
         fx.ok(["start", "-a", "deep"]),
         "",
