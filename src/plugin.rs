@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -72,6 +72,15 @@ pub enum PluginError {
         /// Why.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A layer's root could not be given to the remapped root user.
+    #[error("cannot give {path} to the remapped root user")]
+    RootOwner {
+        /// The layer's root.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The diff layer failed.
     #[error(transparent)]
@@ -232,6 +241,32 @@ impl RbdPlugin {
             .resolve()?)
     }
 
+    /// With `--userns-remap`, the root of a layer belongs to the remapped
+    /// root, as Docker's own drivers make it: a root-owned root of a
+    /// writable layer is given to the mapped root (read-only layers are
+    /// sealed with the owner they had).
+    fn own_root(&self, root: &Path) -> Result<(), PluginError> {
+        let maps = self.diff.id_mappings();
+        if maps.is_identity() {
+            return Ok(());
+        }
+        let io = |source: std::io::Error| PluginError::RootOwner {
+            path: root.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::symlink_metadata(root).map_err(io)?;
+        let (uid, gid) = maps.root_pair();
+        if (meta.uid(), meta.gid()) != (0, 0) || (uid, gid) == (0, 0) {
+            return Ok(());
+        }
+        match std::os::unix::fs::lchown(root, Some(uid), Some(gid)) {
+            Ok(()) => Ok(()),
+            // A sealed layer is mounted read-only and keeps its owner.
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => Ok(()),
+            Err(e) => Err(io(e)),
+        }
+    }
+
     fn create_options(req: &CreateRequest, kind: LayerKind) -> Result<CreateOptions, PluginError> {
         let unknown: Vec<String> = req
             .storage_opt
@@ -316,7 +351,16 @@ impl GraphDriver for RbdPlugin {
     }
 
     fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {
-        Ok(engine(&self.engine)?.get(id, mount_label)?)
+        let engine = engine(&self.engine)?;
+        let root = engine.get(id, mount_label)?;
+        if let Err(e) = self.own_root(&root) {
+            // Hand nothing out that Docker would find wrongly owned.
+            if let Err(put) = engine.put(id) {
+                tracing::error!(error = %put, "releasing a layer after a failed chown failed");
+            }
+            return Err(e);
+        }
+        Ok(root)
     }
 
     fn put(&self, id: &str) -> Result<(), PluginError> {
@@ -503,5 +547,40 @@ mod tests {
         assert!(err.to_string().contains("rbd.init.json"), "{err}");
         plugin.cleanup().unwrap();
         assert!(!path.exists(), "Cleanup forgets the saved Init");
+    }
+
+    #[test]
+    fn with_userns_remap_a_root_owned_layer_root_goes_to_the_mapped_root() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIP: needs root to chown");
+            return;
+        }
+        let plugin = RbdPlugin::new(RawSettings::default(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("rootfs");
+        std::fs::create_dir(&root).unwrap();
+        plugin.own_root(&root).unwrap();
+        let owner = |p: &Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert_eq!(owner(&root), (0, 0), "no maps, no change");
+        let map = |host_id| IdMap {
+            container_id: 0,
+            host_id,
+            size: 65536,
+        };
+        plugin
+            .diff
+            .set_id_mappings(IdMappings::new(vec![map(100_000)], vec![map(200_000)]).unwrap());
+        plugin.own_root(&root).unwrap();
+        assert_eq!(owner(&root), (100_000, 200_000));
+        std::os::unix::fs::lchown(&root, Some(5), Some(6)).unwrap();
+        plugin.own_root(&root).unwrap();
+        assert_eq!(
+            owner(&root),
+            (5, 6),
+            "a root someone chose an owner for is left alone"
+        );
     }
 }
