@@ -393,16 +393,31 @@ impl Drop for Fixture {
         {
             eprintln!("[{}] cleanup: plugin: {e}", self.test);
         }
-        let mut servers = Vec::new();
-        if let Some(home) = &home {
-            servers = cleanup_driver_home(&self.test, home);
-        }
+        let left = home
+            .as_ref()
+            .map(|home| cleanup_driver_home(&self.test, home))
+            .unwrap_or_default();
         drop(self.dockerd.take());
-        // FUSE servers still pinned by a loop device a container held: the
-        // guard ended the container processes; the loop device detaches on
-        // its last close, and then the server exits.
-        for pid in servers {
-            if let Err(e) = testkit::process::terminate(pid, Duration::from_secs(10)) {
+        // What a container of a dead dockerd still held: the guard ended the
+        // container processes, so the loop devices detach on their last
+        // close, and then their FUSE servers exit.
+        for n in left.loops {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while loopdev::backing_file(n).is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if let Some(file) = loopdev::backing_file(n) {
+                eprintln!(
+                    "[{}] cleanup: loop{n} is still attached to {}",
+                    self.test,
+                    file.display()
+                );
+            }
+        }
+        for pid in left.servers {
+            if !testkit::process::wait_dead(pid, Duration::from_secs(15))
+                && let Err(e) = testkit::process::terminate(pid, Duration::from_secs(5))
+            {
                 eprintln!("[{}] cleanup: FUSE server: {e}", self.test);
             }
         }
@@ -410,10 +425,18 @@ impl Drop for Fixture {
     }
 }
 
+/// What [`cleanup_driver_home`] could not end yet.
+#[derive(Default)]
+struct Leftovers {
+    /// Loop devices still held open, set to detach on their last close.
+    loops: Vec<u32>,
+    /// FUSE servers still running (pinned by those loop devices).
+    servers: Vec<i32>,
+}
+
 /// Unmounts the layers under `home`, detaches the loop devices on its FUSE
-/// files, unmounts those and ends their servers. Returns the servers that
-/// would not end.
-fn cleanup_driver_home(test: &str, home: &Path) -> Vec<i32> {
+/// files, unmounts those and ends their servers.
+fn cleanup_driver_home(test: &str, home: &Path) -> Leftovers {
     let umount = |m: &Path| {
         if nix::mount::umount(m).is_err() {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
@@ -426,10 +449,17 @@ fn cleanup_driver_home(test: &str, home: &Path) -> Vec<i32> {
         umount(m);
     }
     let servers = fuse_servers_under(home);
+    let mut pinned = Vec::new();
     for (n, file) in loopdev::backed_under(home) {
         eprintln!("[{test}] cleanup: detaching loop{n} ({})", file.display());
         if let Err(e) = loopdev::detach(n, Duration::from_secs(10)) {
-            eprintln!("[{test}] cleanup: loop{n}: {e}");
+            // A container process of a dead dockerd still holds the
+            // filesystem on it: let the kernel detach it on its last close.
+            eprintln!("[{test}] cleanup: loop{n}: {e}; detaching it on its last close");
+            match loop_clear_on_last_close(n) {
+                Ok(()) => pinned.push(n),
+                Err(e) => eprintln!("[{test}] cleanup: LOOP_CLR_FD loop{n}: {e}"),
+            }
         }
     }
     let mut fuse_mounts =
@@ -439,7 +469,14 @@ fn cleanup_driver_home(test: &str, home: &Path) -> Vec<i32> {
         eprintln!("[{test}] cleanup: unmounting {}", m.display());
         umount(m);
     }
-    servers
+    if !pinned.is_empty() {
+        // Their servers must keep serving until the loop devices let go.
+        return Leftovers {
+            loops: pinned,
+            servers,
+        };
+    }
+    let servers = servers
         .into_iter()
         .filter(|&pid| {
             // A server exits once its mount is gone.
@@ -449,7 +486,30 @@ fn cleanup_driver_home(test: &str, home: &Path) -> Vec<i32> {
             testkit::process::terminate(pid, Duration::from_secs(5)).is_err()
                 || testkit::process::is_live(pid)
         })
-        .collect()
+        .collect();
+    Leftovers {
+        loops: Vec::new(),
+        servers,
+    }
+}
+
+/// `LOOP_CLR_FD` on an open (not exclusive) loop device: a device still in
+/// use gets the autoclear flag and detaches when its last user closes it.
+fn loop_clear_on_last_close(n: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+    let dev = std::fs::File::open(format!("/dev/loop{n}"))?;
+    // SAFETY: LOOP_CLR_FD takes no argument; `dev` is an open descriptor
+    // for the duration of the call.
+    let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        // ENXIO: detached meanwhile.
+        if e.raw_os_error() != Some(libc::ENXIO) {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 impl Fixture {
