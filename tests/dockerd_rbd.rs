@@ -363,6 +363,52 @@ impl Fixture {
     }
 }
 
+/// The Dockerfile of [`Fixture::build`], on the imported `rbd-busybox:1`.
+const DOCKERFILE: &str = "FROM rbd-busybox:1
+RUN echo a > /a && mkdir /d && echo b > /d/b
+RUN rm /bin/ls && rm -r /d && echo c >> /a
+COPY f /f
+CMD [\"cat\", \"/a\", \"/f\"]
+";
+/// What the built image's CMD prints.
+const BUILD_OUTPUT: &str = "a\nc\ncopied\n";
+/// Checks the RUN step that removed files.
+const BUILD_CHECK: &str = "[ -e /bin/ls ] || echo no-ls; [ -e /d ] || echo no-d; cat /a /f";
+const BUILD_CHECK_EXPECTED: &str = "no-ls\nno-d\na\nc\ncopied\n";
+
+impl Fixture {
+    /// `docker build --network none -t tag` of [`DOCKERFILE`], with BuildKit
+    /// or the classic builder; its output (stdout and stderr).
+    fn build(&self, tag: &str, buildkit: bool) -> String {
+        let ctx = self.path(&format!(
+            "build-{}",
+            if buildkit { "bk" } else { "classic" }
+        ));
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(ctx.join("f"), b"copied\n").unwrap();
+        std::fs::write(ctx.join("Dockerfile"), DOCKERFILE).unwrap();
+        let mut cmd = self.d().docker_command();
+        cmd.env("DOCKER_BUILDKIT", if buildkit { "1" } else { "0" })
+            .args(["build", "--network", "none", "-t", tag])
+            .arg(&ctx);
+        let out = testkit::process::run_with_timeout(cmd, None, Duration::from_secs(300))
+            .unwrap_or_else(|e| panic!("docker build: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "{}: docker build (BuildKit: {buildkit}) failed: {}\n{text}\n{}",
+            self.test,
+            out.status,
+            self.plugin_log_tail(40)
+        );
+        text
+    }
+}
+
 /// Live FUSE server processes serving a mount under `dir`.
 fn fuse_servers_under(dir: &Path) -> Vec<i32> {
     let needle = format!("--mountpoint {}/", dir.display());
@@ -872,6 +918,30 @@ fn images_containers_and_diffs_through_dockerd() {
         "hi\n/bin/sh\nroot:x:0:\nnogroup:x:65534:\n"
     );
     fx.phase("ran busybox");
+
+    // docker build (the classic builder): a container per RUN step,
+    // committed into a new layer; COPY applies a diff.
+    let built = format!("{}:1", testkit::unique_name("built"));
+    let out = fx.build(&built, false);
+    assert!(out.contains("Successfully built"), "{out}");
+    assert_eq!(
+        fx.ok(["run", "--rm", "--network", "none", &built]),
+        BUILD_OUTPUT
+    );
+    assert_eq!(fx.run_sh(&built, BUILD_CHECK), BUILD_CHECK_EXPECTED);
+    assert_eq!(
+        fx.ok(["image", "inspect", "-f", "{{len .RootFS.Layers}}", &built])
+            .trim(),
+        "4"
+    );
+    fx.ok(["rmi", &built]);
+    assert_eq!(
+        fx.layer_records().len(),
+        1,
+        "layers left by the build: {:?}",
+        fx.layer_records()
+    );
+    fx.phase("docker build");
 
     // docker load: three layers with whiteouts, an opaque directory,
     // hardlinks, a device node, setuid, a security.capability xattr.
@@ -1950,5 +2020,37 @@ fn deep_chains_and_hostile_layers() {
         // left, but say what it is if it is.
         panic!("images left: {images_left}\n{}", fx.ok(["images", "-a"]));
     }
+    fx.assert_everything_removed();
+}
+
+/// `DOCKER_BUILDKIT=1 docker build`: BuildKit in dockerd makes its build
+/// snapshots through the driver with ids of its own (`GraphDriver.Create`
+/// with BuildKit's 25-character base-36 keys, e.g.
+/// `kongts2n7kq0lqojn06rlxm0y`), keeps them as the cache ids of the layers
+/// it registers, and mounts them writable while it works.
+#[test]
+#[ignore = "docker-rbd refuses BuildKit's layer ids: LayerId::parse (src/names.rs) \
+            accepts only 64 hex digits; run with --ignored once it accepts them"]
+fn buildkit_builds_through_the_driver() {
+    let test = "buildkit_builds_through_the_driver";
+    let Some(fx) = Fixture::start(test, &[], Duration::from_secs(300)) else {
+        return;
+    };
+    fx.import_busybox("rbd-busybox:1");
+    let built = format!("{}:1", testkit::unique_name("bk"));
+    let out = fx.build(&built, true);
+    assert!(out.contains("naming to docker.io/library/"), "{out}");
+    assert_eq!(
+        fx.ok(["run", "--rm", "--network", "none", &built]),
+        BUILD_OUTPUT
+    );
+    assert_eq!(fx.run_sh(&built, BUILD_CHECK), BUILD_CHECK_EXPECTED);
+    fx.phase("BuildKit build");
+    // A second build of the same Dockerfile comes from BuildKit's cache.
+    let again = fx.build(&format!("{built}-again"), true);
+    assert!(again.contains("CACHED"), "{again}");
+    fx.ok(["rmi", &built, &format!("{built}-again")]);
+    fx.ok(["builder", "prune", "-af"]);
+    fx.ok(["rmi", "rbd-busybox:1"]);
     fx.assert_everything_removed();
 }
