@@ -17,8 +17,13 @@ pub struct InvalidLayerId {
     pub reason: &'static str,
 }
 
-/// A Docker layer id: 64 lowercase hex digits, optionally followed by
-/// `-init` (the container init layer dockerd derives from a mount id).
+/// A Docker layer id: 1 to 64 lowercase letters and digits, optionally
+/// followed by `-init`.
+///
+/// dockerd's own layer and mount ids are 64 hex digits (`<mount id>-init`
+/// for a container's init layer); BuildKit's build snapshots are 25
+/// base-36 characters. Nothing else may appear, so an id can never smuggle
+/// a `/`, `@` or `.` into an image or object name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LayerId(String);
 
@@ -32,15 +37,15 @@ impl LayerId {
         if id.is_empty() {
             return Err(err("empty"));
         }
-        let hex = id.strip_suffix("-init").unwrap_or(id);
-        if hex.len() != 64 {
-            return Err(err("not 64 hex digits (optionally followed by -init)"));
+        let base = id.strip_suffix("-init").unwrap_or(id);
+        if base.is_empty() || base.len() > 64 {
+            return Err(err("not 1 to 64 characters (optionally followed by -init)"));
         }
-        if !hex
+        if !base
             .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
         {
-            return Err(err("not lowercase hex"));
+            return Err(err("not lowercase letters and digits"));
         }
         Ok(Self(id.to_string()))
     }
@@ -64,9 +69,9 @@ impl LayerId {
         self.0.ends_with("-init")
     }
 
-    /// A short form for humans (the first 12 hex digits, like `docker ps`).
+    /// A short form for humans (the first 12 characters, like `docker ps`).
     pub fn short(&self) -> &str {
-        &self.0[..12]
+        &self.0[..self.0.len().min(12)]
     }
 }
 
@@ -170,17 +175,29 @@ mod tests {
     }
 
     #[test]
+    fn accepts_buildkit_snapshot_ids() {
+        // BuildKit's identity.NewID(): 25 base-36 characters.
+        let id = LayerId::parse("q1w2e3r4t5y6u7i8o9p0asdfg").unwrap();
+        assert!(!id.is_init());
+        assert_eq!(id.short(), "q1w2e3r4t5y6");
+        assert_eq!(LayerId::parse("ab").unwrap().short(), "ab");
+    }
+
+    #[test]
     fn rejects_everything_else() {
         for bad in [
             "",
-            "abc",
             &HEX.to_uppercase(),
             &format!("{HEX}0"),
             &format!("{HEX}-ini"),
             &format!("../{}", &HEX[3..]),
             &format!("{}/x", &HEX[2..]),
             &format!("{}@s", &HEX[2..]),
+            "a.b",
+            "a_b",
+            "a b",
             "-init",
+            "x-init-init",
         ] {
             let err = LayerId::parse(bad).unwrap_err();
             assert!(err.to_string().contains("invalid layer id"), "{bad}: {err}");

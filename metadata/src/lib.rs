@@ -12,7 +12,7 @@
 //!
 //! | object | omap key | value | written by |
 //! |---|---|---|---|
-//! | `P` `layers` | layer id (64 hex, or `<hex>-init`) | [`LayerRecord`] | Create, Remove, sealing, startup recovery |
+//! | `P` `layers` | layer id (dockerd's 64 hex, BuildKit's 25 base-36, either optionally `-init`) | [`LayerRecord`] | Create, Remove, sealing, startup recovery |
 //! | `P` `hosts` | host id | [`HostRecord`] | each host at start and on every heartbeat |
 //!
 //! Every value is JSON with a schema version `"v"` ([`SCHEMA_VERSION`]). A
