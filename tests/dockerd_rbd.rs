@@ -917,6 +917,12 @@ fn images_containers_and_diffs_through_dockerd() {
         fx.run_sh(busybox, "echo hi; ls /bin/sh; cat /etc/group"),
         "hi\n/bin/sh\nroot:x:0:\nnogroup:x:65534:\n"
     );
+    // The root is the layer's rootfs directory: 0755 root, no lost+found of
+    // the filesystem underneath.
+    assert_eq!(
+        fx.run_sh(busybox, "stat -c '%a %u:%g' /; ls -a /"),
+        "755 0:0\n.\n..\n.dockerenv\nbin\ndev\netc\nproc\nroot\nsys\ntmp\n"
+    );
     fx.phase("ran busybox");
 
     // docker build (the classic builder): a container per RUN step,
