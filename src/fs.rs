@@ -362,6 +362,15 @@ const SUBCMDSHIFT: i32 = 8;
 /// its own filesystem, so one fixed id per filesystem is enough.
 pub const LAYER_PROJECT_ID: u32 = 1;
 
+/// Whether the running kernel is known to lack XFS quota support
+/// (`CONFIG_XFS_QUOTA`): XFS is loaded (`/proc/fs/xfs` exists) but has no
+/// quota statistics (`/proc/fs/xfs/xqmstat`). Such a kernel refuses a
+/// `prjquota` mount with `EINVAL`. `false` when XFS is not loaded yet,
+/// since nothing can be told then.
+pub fn xfs_quota_missing() -> bool {
+    Path::new("/proc/fs/xfs").is_dir() && !Path::new("/proc/fs/xfs/xqmstat").exists()
+}
+
 /// Limits the space used under `dir` (on the filesystem of `device`) to
 /// `bytes`: tags `dir` with project [`LAYER_PROJECT_ID`], inherited by
 /// everything created below it, and sets the project's hard block limit.

@@ -119,6 +119,19 @@ impl Engine {
         let quota = opts
             .size
             .filter(|&want| self.settings.fs == FsType::Xfs && want < source_size);
+        if let Some(want) = quota
+            && crate::fs::xfs_quota_missing()
+        {
+            return Err(EngineError::StorageOpt {
+                key: "size".into(),
+                value: want.to_string(),
+                reason: format!(
+                    "below the {} of the layer beneath, an xfs layer is limited by a project \
+                     quota, and this kernel has no XFS quota support (CONFIG_XFS_QUOTA)",
+                    crate::units::format_size(source_size)
+                ),
+            });
+        }
         let image = self.settings.naming.layer_image(&id);
         let record = LayerRecord {
             parent: parent_str,
