@@ -1744,7 +1744,7 @@ fn storage_opt_size(test: &str, fs: &str) {
             "true",
         ]);
         assert!(
-            err.contains(&format!("size=\"{}\"", 64u64 << 20)) && err.contains("CONFIG_XFS_QUOTA"),
+            err.contains("size=\"64 MiB\"") && err.contains("CONFIG_XFS_QUOTA"),
             "size=64M on xfs without kernel quota support: {err}"
         );
         eprintln!("[{test}] size=64M on xfs: {}", err.trim());

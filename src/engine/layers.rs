@@ -58,7 +58,7 @@ impl Engine {
         {
             return Err(EngineError::StorageOpt {
                 key: "size".into(),
-                value: size.to_string(),
+                value: crate::units::format_size(size),
                 reason: format!("below the {} MiB minimum", MIN_LAYER_SIZE >> 20),
             });
         }
@@ -124,7 +124,7 @@ impl Engine {
         {
             return Err(EngineError::StorageOpt {
                 key: "size".into(),
-                value: want.to_string(),
+                value: crate::units::format_size(want),
                 reason: format!(
                     "below the {} of the layer beneath, an xfs layer is limited by a project \
                      quota, and this kernel has no XFS quota support (CONFIG_XFS_QUOTA)",
