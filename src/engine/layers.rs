@@ -95,23 +95,15 @@ impl Engine {
         let (source, depth, source_size) = match &parent {
             None => (self.ensure_base()?, 0, self.settings.base_size),
             Some(p) => {
-                let prec = layers
-                    .get(p.as_str())?
-                    .ok_or_else(|| EngineError::NotFound {
-                        layer: p.to_string(),
-                    })?;
-                if prec.value.state != LayerState::Created {
+                let prec = self.record(p)?;
+                if prec.state != LayerState::Created {
                     return Err(EngineError::Conflict {
                         layer: p.to_string(),
-                        reason: format!("cannot be a parent in state {:?}", prec.value.state),
+                        reason: format!("cannot be a parent in state {:?}", prec.state),
                     });
                 }
-                self.seal(p, &prec.value)?;
-                (
-                    prec.value.image.clone(),
-                    prec.value.depth + 1,
-                    prec.value.size,
-                )
+                self.seal(p, &prec)?;
+                (prec.image.clone(), prec.depth + 1, prec.size)
             }
         };
         let flatten = depth > self.settings.flatten_depth;
@@ -446,17 +438,22 @@ impl Engine {
     /// The layer's record.
     pub fn info(&self, id: &str) -> Result<LayerInfo> {
         let id = Self::parse(id)?;
-        let rec = self
+        Ok(LayerInfo {
+            record: self.record(&id)?,
+            id: id.to_string(),
+        })
+    }
+
+    /// The record of an existing layer.
+    pub(crate) fn record(&self, id: &LayerId) -> Result<LayerRecord> {
+        Ok(self
             .store
             .layers()
             .get(id.as_str())?
             .ok_or_else(|| EngineError::NotFound {
                 layer: id.to_string(),
-            })?;
-        Ok(LayerInfo {
-            id: id.to_string(),
-            record: rec.value,
-        })
+            })?
+            .value)
     }
 
     /// Every layer record of the namespace (undecodable ones are logged and

@@ -114,14 +114,7 @@ impl Engine {
             tracing::warn!(state = ?m.state, "clearing a half-made mount");
             self.release(id, &m)?;
         }
-        let rec = self
-            .store
-            .layers()
-            .get(id.as_str())?
-            .ok_or_else(|| EngineError::NotFound {
-                layer: id.to_string(),
-            })?
-            .value;
+        let rec = self.record(id)?;
         let usable =
             rec.state == LayerState::Created || (creating && rec.state == LayerState::Creating);
         if !usable {

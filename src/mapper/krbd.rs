@@ -23,7 +23,7 @@ use serde::Deserialize;
 use super::runner::{CommandLine, CommandRunner};
 use super::{
     CephConnection, Error, ImageSpec, MapRequest, MappedDevice, MapperConfig, MapperKind,
-    MappingHandle, Result, run_checked, truncate_for_error,
+    MappingHandle, Result, parse_error, run_checked,
 };
 
 /// Maps images with the kernel RBD client.
@@ -119,15 +119,14 @@ impl KrbdMapper {
     pub fn map(&self, req: &MapRequest) -> Result<MappedDevice> {
         let cmd = self.map_command(req)?;
         let out = run_checked(self.runner.as_ref(), &cmd, None)?;
-        let device = parse_map_output(&out.stdout).ok_or_else(|| Error::Parse {
-            command: cmd.to_string(),
-            reason: "no /dev/ path in the output".to_string(),
-            output: truncate_for_error(&out.stdout),
-        })?;
-        let id = device_id(&device).ok_or_else(|| Error::Parse {
-            command: cmd.to_string(),
-            reason: format!("{} is not an rbd device name", device.display()),
-            output: truncate_for_error(&out.stdout),
+        let device = parse_map_output(&out.stdout)
+            .ok_or_else(|| parse_error(&cmd, &out.stdout, "no /dev/ path in the output"))?;
+        let id = device_id(&device).ok_or_else(|| {
+            parse_error(
+                &cmd,
+                &out.stdout,
+                format!("{} is not an rbd device name", device.display()),
+            )
         })?;
         tracing::info!(device = %device.display(), %id, "mapped with krbd");
         Ok(MappedDevice {
@@ -180,11 +179,8 @@ impl KrbdMapper {
     pub fn list_cli(&self) -> Result<Vec<MappedDevice>> {
         let cmd = self.command().args(["device", "list", "--format", "json"]);
         let out = run_checked(self.runner.as_ref(), &cmd, None)?;
-        let entries = parse_list_json(&out.stdout).map_err(|reason| Error::Parse {
-            command: cmd.to_string(),
-            reason,
-            output: truncate_for_error(&out.stdout),
-        })?;
+        let entries = parse_list_json(&out.stdout)
+            .map_err(|reason| parse_error(&cmd, &out.stdout, reason))?;
         Ok(entries
             .into_iter()
             .map(|e| {

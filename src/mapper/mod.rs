@@ -599,6 +599,15 @@ pub(crate) fn run_checked(
     })
 }
 
+/// The error for a command whose output does not say what it should.
+pub(crate) fn parse_error(cmd: &CommandLine, stdout: &str, reason: impl Into<String>) -> Error {
+    Error::Parse {
+        command: cmd.to_string(),
+        reason: reason.into(),
+        output: truncate_for_error(stdout),
+    }
+}
+
 fn truncate_for_error(s: &str) -> String {
     const MAX: usize = 2000;
     if s.len() <= MAX {

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::runner::{CommandLine, CommandRunner};
 use super::{
     CephConnection, Error, ImageSpec, MapRequest, MappedDevice, MapperConfig, MapperKind,
-    MappingHandle, Result, run_checked, truncate_for_error,
+    MappingHandle, Result, parse_error, run_checked,
 };
 
 /// Maps images with `rbd-nbd`.
@@ -81,11 +81,8 @@ impl NbdMapper {
     pub fn map(&self, req: &MapRequest) -> Result<MappedDevice> {
         let cmd = self.map_command(req)?;
         let out = run_checked(self.runner.as_ref(), &cmd, None)?;
-        let device = super::krbd::parse_map_output(&out.stdout).ok_or_else(|| Error::Parse {
-            command: cmd.to_string(),
-            reason: "no /dev/ path in the output".to_string(),
-            output: truncate_for_error(&out.stdout),
-        })?;
+        let device = super::krbd::parse_map_output(&out.stdout)
+            .ok_or_else(|| parse_error(&cmd, &out.stdout, "no /dev/ path in the output"))?;
         // The serving daemon's pid, for the record; a failed listing only
         // loses that detail.
         let pid = match self.list() {
@@ -144,11 +141,8 @@ impl NbdMapper {
     pub fn list(&self) -> Result<Vec<MappedDevice>> {
         let cmd = self.command().args(["list-mapped", "--format", "json"]);
         let out = run_checked(self.runner.as_ref(), &cmd, None)?;
-        let entries = parse_list_json(&out.stdout).map_err(|reason| Error::Parse {
-            command: cmd.to_string(),
-            reason,
-            output: truncate_for_error(&out.stdout),
-        })?;
+        let entries = parse_list_json(&out.stdout)
+            .map_err(|reason| parse_error(&cmd, &out.stdout, reason))?;
         Ok(entries
             .into_iter()
             .map(|e| {
