@@ -289,6 +289,7 @@ impl Engine {
         let id = Self::parse(id)?;
         let layers = self.store.layers();
         let Some(current) = layers.get(id.as_str())? else {
+            let _held = self.locks.lock(&[id.as_str()]);
             self.release_local(&id, true)?;
             self.remove_stray_image(&id)?;
             return Ok(());
