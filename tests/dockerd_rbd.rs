@@ -447,12 +447,17 @@ impl Drop for Fixture {
         // What a container of a dead dockerd still held: the guard ended the
         // container processes, so the loop devices detach on their last
         // close, and then their FUSE servers exit.
+        // A loop number, once free, may serve a test running alongside:
+        // only a backing file under this test's Home is still ours.
+        let ours = |n: u32| {
+            loopdev::backing_file(n).filter(|b| home.as_ref().is_some_and(|h| b.starts_with(h)))
+        };
         for n in left.loops {
             let deadline = Instant::now() + Duration::from_secs(15);
-            while loopdev::backing_file(n).is_some() && Instant::now() < deadline {
+            while ours(n).is_some() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            if let Some(file) = loopdev::backing_file(n) {
+            if let Some(file) = ours(n) {
                 eprintln!(
                     "[{}] cleanup: loop{n} is still attached to {}",
                     self.test,
