@@ -89,7 +89,9 @@ impl Fixture {
     }
 
     fn umount(&mut self, target: &Path) {
-        run("umount", &[&target.display().to_string()]);
+        // Retries while busy: a child that another test thread is forking
+        // holds a copy of a just-closed file until it execs.
+        docker_rbd::fs::umount(target).expect("umount");
         self.mounts.retain(|m| m != target);
     }
 }
