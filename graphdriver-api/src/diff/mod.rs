@@ -231,20 +231,7 @@ impl<F: LayerFs> NaiveDiff<F> {
         let span = tracing::debug_span!("diff", layer = id, parent);
         let _enter = span.enter();
         let layer = Held::get(&self.fs, id)?;
-        let changes = {
-            let parent_held = if parent.is_empty() {
-                None
-            } else {
-                Some(Held::get(&self.fs, parent)?)
-            };
-            changes_dirs(layer.path(), parent_held.as_ref().map(Held::path)).map_err(|source| {
-                DiffError::Changes {
-                    id: id.to_string(),
-                    parent: parent.to_string(),
-                    source,
-                }
-            })?
-        };
+        let changes = self.changes_of(&layer, parent)?;
         let reader =
             export_changes(layer.path(), &changes, &self.id_mappings()).map_err(|source| {
                 DiffError::Export {
@@ -274,6 +261,12 @@ impl<F: LayerFs> NaiveDiff<F> {
     /// [`NaiveDiff::changes`] with the paths as raw bytes.
     pub fn layer_changes(&self, id: &str, parent: &str) -> Result<Vec<LayerChange>, DiffError> {
         let layer = Held::get(&self.fs, id)?;
+        self.changes_of(&layer, parent)
+    }
+
+    /// The changes of a held layer against `parent` (the whole layer when
+    /// `parent` is empty). The parent is held only while they are computed.
+    fn changes_of(&self, layer: &Held<F>, parent: &str) -> Result<Vec<LayerChange>, DiffError> {
         let parent_held = if parent.is_empty() {
             None
         } else {
@@ -281,7 +274,7 @@ impl<F: LayerFs> NaiveDiff<F> {
         };
         changes_dirs(layer.path(), parent_held.as_ref().map(Held::path)).map_err(|source| {
             DiffError::Changes {
-                id: id.to_string(),
+                id: layer.id.clone(),
                 parent: parent.to_string(),
                 source,
             }
@@ -310,20 +303,7 @@ impl<F: LayerFs> NaiveDiff<F> {
         let span = tracing::debug_span!("diff_size", layer = id, parent);
         let _enter = span.enter();
         let layer = Held::get(&self.fs, id)?;
-        let changes = {
-            let parent_held = if parent.is_empty() {
-                None
-            } else {
-                Some(Held::get(&self.fs, parent)?)
-            };
-            changes_dirs(layer.path(), parent_held.as_ref().map(Held::path)).map_err(|source| {
-                DiffError::Changes {
-                    id: id.to_string(),
-                    parent: parent.to_string(),
-                    source,
-                }
-            })?
-        };
+        let changes = self.changes_of(&layer, parent)?;
         Ok(changes_size(layer.path(), &changes))
     }
 }
