@@ -225,16 +225,12 @@ impl Fixture {
 
     /// `docker run --rm --network none <image> sh -c <script>`; its stdout.
     fn run_sh(&self, image: &str, script: &str) -> String {
-        self.ok([
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            image,
-            "sh",
-            "-c",
-            script,
-        ])
+        self.d().run_sh(image, script)
+    }
+
+    /// `docker export` of container `name`, as a tarball.
+    fn export(&self, name: &str) -> Vec<u8> {
+        self.d().export(name, self.scratch.path())
     }
 
     fn driver_home(&self) -> PathBuf {
@@ -982,25 +978,8 @@ fn images_containers_and_diffs_through_dockerd() {
     // docker load: three layers with whiteouts, an opaque directory,
     // hardlinks, a device node, setuid, a security.capability xattr.
     let special = format!("{}:1", testkit::unique_name("special"));
-    let special_tar = fx.path("special.tar");
-    let saved = images::special_image(&special)
-        .unwrap()
-        .write_save_tar(&special_tar)
-        .unwrap();
-    let loaded = fx.ok(["load".as_ref(), "-i".as_ref(), special_tar.as_os_str()]);
-    assert!(
-        loaded.contains(&format!("Loaded image: {special}")),
-        "{loaded}"
-    );
-    assert_eq!(
-        fx.ok(["image", "inspect", "-f", "{{.Id}}", &special])
-            .trim(),
-        saved.id
-    );
-    assert_eq!(
-        fx.run_sh(&special, images::SPECIAL_CHECK_SCRIPT),
-        images::SPECIAL_CHECK_EXPECTED
-    );
+    // Id, diff ids and every special entry, checked by load_special.
+    fx.d().load_special(&special, fx.scratch.path());
     assert_eq!(
         fx.layer_records().len(),
         4,
@@ -1010,14 +989,8 @@ fn images_containers_and_diffs_through_dockerd() {
 
     // A fresh container: export holds every special entry, diff is empty.
     fx.ok(["create", "--network", "none", "--name", "fresh", &special]);
-    let export = fx.path("fresh.tar");
-    fx.ok([
-        "export".as_ref(),
-        "-o".as_ref(),
-        export.as_os_str(),
-        "fresh".as_ref(),
-    ]);
-    images::check_special_export(&std::fs::read(&export).unwrap()).unwrap();
+    let export = fx.export("fresh");
+    images::check_special_export(&export).unwrap();
     assert_eq!(fx.ok(["diff", "fresh"]), "");
     let (_, data) = fx.graph_driver("fresh");
     let rw_image = data
@@ -1082,14 +1055,8 @@ fn images_containers_and_diffs_through_dockerd() {
     fx.phase("diff and size");
 
     // docker export: what the script wrote.
-    let export = fx.path("changed.tar");
-    fx.ok([
-        "export".as_ref(),
-        "-o".as_ref(),
-        export.as_os_str(),
-        "changed".as_ref(),
-    ]);
-    let files = tar_map(&std::fs::read(&export).unwrap());
+    let export = fx.export("changed");
+    let files = tar_map(&export);
     assert_eq!(files["data/keep"].data, b"changed\n");
     assert_eq!(files["newdir/f"].data, b"a\n");
     assert_eq!(files["newdir/big"].data, vec![0u8; 300_000]);
@@ -1476,14 +1443,8 @@ fn containers_persist_and_survive_a_plugin_crash() {
     );
     assert_eq!(lines[2], "/copied.bin");
     fx.ok(["rmi", &snapshot]);
-    let export = fx.path("runner.tar");
-    fx.ok([
-        "export".as_ref(),
-        "-o".as_ref(),
-        export.as_os_str(),
-        "runner".as_ref(),
-    ]);
-    let files = tar_map(&std::fs::read(&export).unwrap());
+    let export = fx.export("runner");
+    let files = tar_map(&export);
     assert_eq!(files["exec.txt"].data, b"from-exec\n");
     assert_eq!(files["copied.bin"].data, body);
     assert_eq!(

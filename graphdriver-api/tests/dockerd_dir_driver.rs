@@ -107,12 +107,7 @@ fn dockerd_drives_the_dir_driver() {
     let scratch = testkit::scratch_dir("dirdrv").unwrap();
     let rootfs = scratch.path().join("rootfs.tar");
     images::write_busybox_rootfs_tar(&rootfs).unwrap();
-    let special_tar = scratch.path().join("special.tar");
     let special = format!("{}:1", testkit::unique_name("special"));
-    let saved = images::special_image(&special)
-        .unwrap()
-        .write_save_tar(&special_tar)
-        .unwrap();
 
     // A unique plugin name: tests in parallel each have their own socket.
     let name = testkit::unique_name("dirdrv");
@@ -134,63 +129,20 @@ fn dockerd_drives_the_dir_driver() {
         rootfs.as_os_str(),
         "dirdrv-busybox:1".as_ref(),
     ]);
-    let out = d.docker_ok([
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "dirdrv-busybox:1",
-        "sh",
-        "-c",
-        "echo hi; ls /bin/sh",
-    ]);
-    assert_eq!(out, "hi\n/bin/sh\n");
+    assert_eq!(
+        d.run_sh("dirdrv-busybox:1", "echo hi; ls /bin/sh"),
+        "hi\n/bin/sh\n"
+    );
 
     // docker load: three layers with whiteouts, an opaque directory,
-    // hardlinks, a device node, setuid, an xattr.
-    let loaded = d.docker_ok(["load".as_ref(), "-i".as_ref(), special_tar.as_os_str()]);
-    assert!(
-        loaded.contains(&format!("Loaded image: {special}")),
-        "{loaded}"
-    );
-    assert_eq!(
-        d.docker_ok(["image", "inspect", "-f", "{{.Id}}", &special])
-            .trim(),
-        saved.id
-    );
-    let out = d.docker_ok([
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &special,
-        "sh",
-        "-c",
-        "cat /x",
-    ]);
-    assert_eq!(out, "layer3\n");
-    let out = d.docker_ok([
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &special,
-        "sh",
-        "-c",
-        images::SPECIAL_CHECK_SCRIPT,
-    ]);
-    assert_eq!(out, images::SPECIAL_CHECK_EXPECTED);
+    // hardlinks, a device node, setuid, an xattr (id, diff ids and every
+    // special entry checked by load_special).
+    d.load_special(&special, scratch.path());
+    assert_eq!(d.run_sh(&special, "cat /x"), "layer3\n");
 
     // docker export: dockerd tars the container layer it gets from us.
     d.docker_ok(["create", "--network", "none", "--name", "fresh", &special]);
-    let export = scratch.path().join("export.tar");
-    d.docker_ok([
-        "export".as_ref(),
-        "-o".as_ref(),
-        export.as_os_str(),
-        "fresh".as_ref(),
-    ]);
-    images::check_special_export(&std::fs::read(&export).unwrap()).unwrap();
+    images::check_special_export(&d.export("fresh", scratch.path())).unwrap();
     // A fresh container has no changes.
     assert_eq!(d.docker_ok(["diff", "fresh"]), "");
 
@@ -247,16 +199,10 @@ fn dockerd_drives_the_dir_driver() {
         &committed,
     ]);
     assert_eq!(layers.trim(), "4");
-    let out = d.docker_ok([
-        "run",
-        "--rm",
-        "--network",
-        "none",
+    let out = d.run_sh(
         &committed,
-        "sh",
-        "-c",
         "cat /data/keep /newdir/f; ls /data; stat -c '%a %u:%g' /data/owned; cat /x",
-    ]);
+    );
     assert_eq!(
         out,
         "changed\na\ncap\nfifo\nhard1\nhard2\nkeep\nlink\nnull\nowned\nsetuid\n700 1000:1000\nlayer3\n"

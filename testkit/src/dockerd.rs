@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use crate::host::Host;
+use crate::images;
 use crate::{mounts, process};
 
 /// The docker CLI the tests use: Debian's 20.10, matching the daemon
@@ -503,6 +504,61 @@ impl Dockerd {
             args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let out = self.docker(&args);
         self.check_ok(&args, &out)
+    }
+
+    /// Runs `sh -c script` in a throw-away container of `image` without a
+    /// network, and returns its stdout.
+    pub fn run_sh(&self, image: &str, script: &str) -> String {
+        self.docker_ok([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            image,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
+    /// `docker load`s [`images::special_image`]`(tag)`, from a save
+    /// tarball written into `dir`, and checks what dockerd made of it: the
+    /// image id, the layer diff ids, and every special entry from inside a
+    /// container ([`images::SPECIAL_CHECK_SCRIPT`]). Returns the saved image.
+    pub fn load_special(&self, tag: &str, dir: &Path) -> images::SavedImage {
+        let tar = dir.join("special.tar");
+        let saved = images::special_image(tag)
+            .and_then(|image| image.write_save_tar(&tar))
+            .unwrap_or_else(|e| panic!("writing the special image {tag}: {e}"));
+        let loaded = self.docker_ok(["load".as_ref(), "-i".as_ref(), tar.as_os_str()]);
+        assert!(loaded.contains(&format!("Loaded image: {tag}")), "{loaded}");
+        assert_eq!(
+            self.docker_ok(["image", "inspect", "-f", "{{.Id}}", tag])
+                .trim(),
+            saved.id
+        );
+        let layers = self.docker_ok(["image", "inspect", "-f", "{{json .RootFS.Layers}}", tag]);
+        let layers: Vec<String> = serde_json::from_str(&layers)
+            .unwrap_or_else(|e| panic!("RootFS.Layers of {tag}: {e}: {layers}"));
+        assert_eq!(layers, saved.diff_ids);
+        assert_eq!(
+            self.run_sh(tag, images::SPECIAL_CHECK_SCRIPT),
+            images::SPECIAL_CHECK_EXPECTED
+        );
+        saved
+    }
+
+    /// `docker export`s container `name` into `dir/<name>.tar` and returns
+    /// the tarball.
+    pub fn export(&self, name: &str, dir: &Path) -> Vec<u8> {
+        let tar = dir.join(format!("{name}.tar"));
+        self.docker_ok([
+            "export".as_ref(),
+            "-o".as_ref(),
+            tar.as_os_str(),
+            name.as_ref(),
+        ]);
+        std::fs::read(&tar).unwrap_or_else(|e| panic!("reading {}: {e}", tar.display()))
     }
 
     /// Like [`Dockerd::docker_ok`] with `stdin` fed to the command.

@@ -49,12 +49,7 @@ fn vfs_dockerd_imports_loads_runs_and_leaves_nothing() {
     let scratch = testkit::scratch_dir("tk-vfs").unwrap();
     let rootfs = scratch.path().join("rootfs.tar");
     images::write_busybox_rootfs_tar(&rootfs).unwrap();
-    let special = scratch.path().join("special.tar");
     let tag = format!("{}:1", testkit::unique_name("special"));
-    let saved = images::special_image(&tag)
-        .unwrap()
-        .write_save_tar(&special)
-        .unwrap();
 
     let d = Dockerd::start(vfs("tk-vfs")).unwrap();
     let dir = d.dir().to_path_buf();
@@ -82,62 +77,18 @@ fn vfs_dockerd_imports_loads_runs_and_leaves_nothing() {
         rootfs.as_os_str(),
         "tk-busybox:1".as_ref(),
     ]);
-    let out = d.docker_ok([
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "tk-busybox:1",
-        "sh",
-        "-c",
-        "echo hi; ls /bin/cat",
-    ]);
-    assert_eq!(out, "hi\n/bin/cat\n");
-
-    let loaded = d.docker_ok(["load".as_ref(), "-i".as_ref(), special.as_os_str()]);
-    assert!(loaded.contains(&format!("Loaded image: {tag}")), "{loaded}");
     assert_eq!(
-        d.docker_ok(["image", "inspect", "-f", "{{.Id}}", &tag])
-            .trim(),
-        saved.id
+        d.run_sh("tk-busybox:1", "echo hi; ls /bin/cat"),
+        "hi\n/bin/cat\n"
     );
-    let layers = d.docker_ok(["image", "inspect", "-f", "{{json .RootFS.Layers}}", &tag]);
-    let layers: Vec<String> = serde_json::from_str(&layers).unwrap();
-    assert_eq!(layers, saved.diff_ids);
 
-    let out = d.docker_ok([
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &tag,
-        "sh",
-        "-c",
-        "cat /x",
-    ]);
-    assert_eq!(out, "layer3\n");
-    let out = d.docker_ok([
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &tag,
-        "sh",
-        "-c",
-        images::SPECIAL_CHECK_SCRIPT,
-    ]);
-    assert_eq!(out, images::SPECIAL_CHECK_EXPECTED);
+    // Id, diff ids and every special entry, checked by load_special.
+    d.load_special(&tag, scratch.path());
+    assert_eq!(d.run_sh(&tag, "cat /x"), "layer3\n");
 
     // The exported filesystem keeps the xattr, devices, links and modes.
     d.docker_ok(["create", "--network", "none", "--name", "tk-exp", &tag]);
-    let export = scratch.path().join("export.tar");
-    d.docker_ok([
-        "export".as_ref(),
-        "-o".as_ref(),
-        export.as_os_str(),
-        "tk-exp".as_ref(),
-    ]);
-    images::check_special_export(&std::fs::read(&export).unwrap()).unwrap();
+    images::check_special_export(&d.export("tk-exp", scratch.path())).unwrap();
 
     // A failing command reports itself.
     let failed = d.docker(["image", "inspect", "no-such-image:1"]);
@@ -172,16 +123,7 @@ fn chain_of_sixty_layers_loads() {
     assert_eq!(saved.diff_ids.len(), 60);
     let d = Dockerd::start(vfs("tk-chain")).unwrap();
     d.docker_ok(["load".as_ref(), "-i".as_ref(), path.as_os_str()]);
-    let out = d.docker_ok([
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        &tag,
-        "sh",
-        "-c",
-        "cat /depth; ls /chain",
-    ]);
+    let out = d.run_sh(&tag, "cat /depth; ls /chain");
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("59"));
     assert_eq!(
