@@ -88,6 +88,14 @@ pub struct Settings {
     pub naming: Naming,
     /// `rbd.connecttimeout`: bound on connecting to the cluster.
     pub connect_timeout: Duration,
+    /// `rbd.hostid`: this host's id in the fleet; `None` derives it from
+    /// `/etc/machine-id` (then the host name) when the engine opens.
+    pub host_id: Option<String>,
+    /// `rbd.leaseduration`: how long a host's lease lasts without renewal;
+    /// past it the host is presumed dead.
+    pub lease_duration: Duration,
+    /// `rbd.leaserenew`: how often the lease is renewed.
+    pub lease_renew: Duration,
 }
 
 /// One settings key: its name, its default (as text) and what it means.
@@ -161,6 +169,21 @@ pub const KEYS: &[Key] = &[
         name: "connecttimeout",
         default: "10",
         doc: "seconds to wait for the cluster before failing (`--connect-timeout`)",
+    },
+    Key {
+        name: "hostid",
+        default: "(from /etc/machine-id, else the host name)",
+        doc: "this host's id in the fleet: 1 to 63 letters, digits, `-`, `_` (`--host-id`)",
+    },
+    Key {
+        name: "leaseduration",
+        default: "30",
+        doc: "seconds a host's lease lasts unrenewed; then it is presumed dead (`--lease-duration`)",
+    },
+    Key {
+        name: "leaserenew",
+        default: "5",
+        doc: "seconds between lease renewals, at most a third of the duration (`--lease-renew`)",
     },
 ];
 
@@ -374,6 +397,36 @@ impl RawSettings {
                 .ok_or_else(|| format!("{v:?} is not a number of seconds from 1 to 600"))
         });
 
+        let host_id = r.take("hostid", "", |v| {
+            if v.is_empty() {
+                Ok(None)
+            } else {
+                crate::names::check_host_id(v).map(|()| Some(v.to_string()))
+            }
+        });
+        let seconds = |v: &str| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|s| (1..=3600).contains(s))
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("{v:?} is not a number of seconds from 1 to 3600"))
+        };
+        let lease_duration = r.take("leaseduration", "30", seconds);
+        let lease_renew = r.take("leaserenew", "5", seconds);
+        if let (Some(duration), Some(renew)) = (lease_duration, lease_renew)
+            && renew * 3 > duration
+        {
+            r.problems.push(Problem {
+                source: r.source_of("leaserenew"),
+                message: format!(
+                    "rbd.leaserenew: {}s is more than a third of rbd.leaseduration ({}s): \
+                     one late renewal would let the lease lapse",
+                    renew.as_secs(),
+                    duration.as_secs()
+                ),
+            });
+        }
+
         match (
             pool,
             namespace,
@@ -383,6 +436,7 @@ impl RawSettings {
             flatten_depth,
             naming,
             connect_timeout,
+            (host_id, lease_duration, lease_renew),
         ) {
             (
                 Some(pool),
@@ -393,6 +447,7 @@ impl RawSettings {
                 Some(flatten_depth),
                 Some(naming),
                 Some(connect_timeout),
+                (Some(host_id), Some(lease_duration), Some(lease_renew)),
             ) if r.problems.is_empty() => Ok(Settings {
                 ceph,
                 pool,
@@ -403,6 +458,9 @@ impl RawSettings {
                 flatten_depth,
                 naming,
                 connect_timeout,
+                host_id,
+                lease_duration,
+                lease_renew,
             }),
             _ => Err(ConfigError::Invalid {
                 problems: r.problems,
@@ -418,6 +476,13 @@ struct Resolver {
 }
 
 impl Resolver {
+    /// Where the value of `key` came from (a flag when defaulted).
+    fn source_of(&self, key: &str) -> Source {
+        self.values
+            .get(key)
+            .map_or(Source::Flag, |(_, source)| source.clone())
+    }
+
     /// The value of `key` (or `default`) parsed by `parse`; a parse error is
     /// recorded as a problem naming the key and where its value came from.
     fn take<T, E: ToString>(
@@ -462,6 +527,14 @@ impl Settings {
             ("Base Size".into(), format_size(self.base_size)),
             ("Flatten Depth".into(), self.flatten_depth.to_string()),
             ("Image Prefix".into(), self.naming.prefix().to_string()),
+            (
+                "Lease".into(),
+                format!(
+                    "{}s, renewed every {}s",
+                    self.lease_duration.as_secs(),
+                    self.lease_renew.as_secs()
+                ),
+            ),
         ]
     }
 }

@@ -16,6 +16,9 @@
 //! - [`engine`]: the layer lifecycle on top of those and of the RADOS
 //!   metadata store (`metadata` crate): create, seal, remove, get and put,
 //!   startup recovery. It knows nothing of Docker's protocol.
+//! - [`fleet`]: dockerd's image graph and containers mirrored into RADOS
+//!   (export) and written into a booting dockerd's root (hydrate), so any
+//!   host starts any stopped container of the fleet.
 //! - [`plugin`]: Docker's graphdriver protocol (`graphdriver-api` crate) on
 //!   top of the engine; `docker-rbd serve` serves it on a unix socket.
 //!
@@ -24,7 +27,9 @@
 //! [`fs`], and Docker only through [`plugin`].
 
 pub mod config;
+pub mod digest;
 pub mod engine;
+pub mod fleet;
 pub mod fs;
 pub mod localstate;
 pub mod mapper;

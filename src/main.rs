@@ -62,6 +62,15 @@ struct SettingsArgs {
     /// Seconds to wait for the cluster (rbd.connecttimeout).
     #[arg(long = "connect-timeout", value_name = "SECONDS")]
     connect_timeout: Option<String>,
+    /// This host's id in the fleet (rbd.hostid); default from /etc/machine-id.
+    #[arg(long = "host-id", value_name = "ID")]
+    host_id: Option<String>,
+    /// Seconds a host's lease lasts unrenewed (rbd.leaseduration).
+    #[arg(long = "lease-duration", value_name = "SECONDS")]
+    lease_duration: Option<String>,
+    /// Seconds between lease renewals (rbd.leaserenew).
+    #[arg(long = "lease-renew", value_name = "SECONDS")]
+    lease_renew: Option<String>,
     /// Config file of `key = value` lines, same keys as --storage-opt.
     #[arg(long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -88,6 +97,9 @@ impl SettingsArgs {
             ("flattendepth", self.flatten_depth.clone()),
             ("imageprefix", self.image_prefix.clone()),
             ("connecttimeout", self.connect_timeout.clone()),
+            ("hostid", self.host_id.clone()),
+            ("leaseduration", self.lease_duration.clone()),
+            ("leaserenew", self.lease_renew.clone()),
         ] {
             if let Some(value) = value {
                 flags.set(key, &value, Source::Flag);

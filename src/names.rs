@@ -81,6 +81,50 @@ impl fmt::Display for LayerId {
     }
 }
 
+/// Checks a host id: 1 to 63 ASCII letters, digits, `-` or `_`, so it can
+/// stand in RADOS object names (`<prefix>host.<id>`) and lock cookies.
+pub fn check_host_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 63 {
+        return Err(format!("host id {id:?} is not 1 to 63 characters"));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "host id {id:?} has characters other than letters, digits, '-' and '_'"
+        ));
+    }
+    Ok(())
+}
+
+/// The default host id: `/etc/machine-id` (32 hex digits, stable across a
+/// wiped data root and a reinstalled docker-rbd), else the host name with
+/// every character a host id cannot carry replaced by `-`.
+pub fn default_host_id(machine_id: Option<&str>, hostname: &str) -> String {
+    if let Some(id) = machine_id.map(str::trim)
+        && check_host_id(id).is_ok()
+    {
+        return id.to_string();
+    }
+    let cleaned: String = hostname
+        .chars()
+        .take(63)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if cleaned.is_empty() {
+        "host".to_string()
+    } else {
+        cleaned
+    }
+}
+
 /// Name of the single snapshot a layer gets when it is sealed (its first
 /// child is created). Children are clones of `<image>@sealed`.
 pub const SEALED_SNAP: &str = "sealed";
@@ -164,6 +208,18 @@ mod tests {
     use super::*;
 
     const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn host_ids() {
+        assert!(check_host_id("node-01_a").is_ok());
+        for bad in ["", "a.b", "a/b", "a b", &"x".repeat(64)] {
+            assert!(check_host_id(bad).is_err(), "{bad:?}");
+        }
+        let mid = "4c4c4544004a3510804bb4c04f4b3232";
+        assert_eq!(default_host_id(Some(&format!("{mid}\n")), "h"), mid);
+        assert_eq!(default_host_id(None, "web.example.com"), "web-example-com");
+        assert_eq!(default_host_id(Some(""), ""), "host");
+    }
 
     #[test]
     fn accepts_docker_ids() {

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, RawSettings, Settings};
 use crate::engine::{CreateOptions, Engine, EngineError};
+use crate::fleet::{Fleet, FleetError};
 use crate::units::parse_size;
 
 /// What the plugin answers dockerd with when a call fails.
@@ -85,36 +86,73 @@ pub enum PluginError {
     /// The diff layer failed.
     #[error(transparent)]
     Diff(#[from] DiffError),
+    /// The fleet mirror failed.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
 }
 
-type EngineCell = Arc<RwLock<Option<Arc<Engine>>>>;
+/// The engine and the fleet mirror of one `Init`.
+pub struct Driver {
+    // Dropped first: the exporter thread stops before the engine goes.
+    fleet: Fleet,
+    engine: Arc<Engine>,
+}
 
-fn engine(cell: &EngineCell) -> Result<Arc<Engine>, PluginError> {
+impl Driver {
+    /// `Get`: the fleet's check that no other live host has the
+    /// container in use comes before anything is mapped.
+    fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {
+        self.fleet.before_get(id)?;
+        match self.engine.get(id, mount_label) {
+            Ok(root) => Ok(root),
+            Err(e) => {
+                if let Err(undo) = self.fleet.after_put(id) {
+                    tracing::warn!(error = %undo, "recording a failed Get in the fleet failed");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn put(&self, id: &str) -> Result<(), PluginError> {
+        self.engine.put(id)?;
+        self.fleet.after_put(id)?;
+        Ok(())
+    }
+}
+
+type DriverCell = Arc<RwLock<Option<Arc<Driver>>>>;
+
+fn driver(cell: &DriverCell) -> Result<Arc<Driver>, PluginError> {
     cell.read()
         .unwrap_or_else(PoisonError::into_inner)
         .clone()
         .ok_or(PluginError::NotInitialized)
 }
 
+fn engine(cell: &DriverCell) -> Result<Arc<Engine>, PluginError> {
+    Ok(driver(cell)?.engine.clone())
+}
+
 /// The engine as the diff layer sees it: a directory per layer.
-pub struct EngineFs(EngineCell);
+pub struct EngineFs(DriverCell);
 
 impl LayerFs for EngineFs {
     type Error = PluginError;
 
     fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {
-        Ok(engine(&self.0)?.get(id, mount_label)?)
+        driver(&self.0)?.get(id, mount_label)
     }
 
     fn put(&self, id: &str) -> Result<(), PluginError> {
-        Ok(engine(&self.0)?.put(id)?)
+        driver(&self.0)?.put(id)
     }
 }
 
 /// The RBD graphdriver plugin.
 pub struct RbdPlugin {
     flags: RawSettings,
-    engine: EngineCell,
+    engine: DriverCell,
     diff: NaiveDiff<EngineFs>,
     saved_init: Option<PathBuf>,
 }
@@ -135,7 +173,7 @@ impl RbdPlugin {
     /// `saved_init` is given, an accepted `Init` is saved there for
     /// [`RbdPlugin::resume`].
     pub fn new(flags: RawSettings, saved_init: Option<PathBuf>) -> Self {
-        let engine: EngineCell = Arc::default();
+        let engine: DriverCell = Arc::default();
         Self {
             flags,
             diff: NaiveDiff::new(Arc::new(EngineFs(engine.clone())), IdMappings::default()),
@@ -175,12 +213,16 @@ impl RbdPlugin {
             return Ok(false);
         }
         tracing::info!(home = %saved.home, "resuming the Init of the previous run");
-        self.init(InitRequest {
-            home: saved.home,
-            opts: saved.opts,
-            uid_maps: saved.uid_maps,
-            gid_maps: saved.gid_maps,
-        })?;
+        // dockerd runs already and has read its files: no hydrate.
+        self.init_with(
+            InitRequest {
+                home: saved.home,
+                opts: saved.opts,
+                uid_maps: saved.uid_maps,
+                gid_maps: saved.gid_maps,
+            },
+            false,
+        )?;
         Ok(true)
     }
 
@@ -267,6 +309,62 @@ impl RbdPlugin {
         }
     }
 
+    /// `Init`: opens the engine (or keeps the running one when dockerd
+    /// restarted with the same settings) and the fleet mirror, hydrating
+    /// dockerd's root when `hydrate` (dockerd reads it after this returns).
+    fn init_with(&self, req: InitRequest, hydrate: bool) -> Result<(), PluginError> {
+        let settings = self.settings_for(&req)?;
+        let home = PathBuf::from(&req.home);
+        if !home.is_absolute() {
+            return Err(PluginError::BadHome { home: req.home });
+        }
+        let maps = IdMappings::new(req.uid_maps.clone(), req.gid_maps.clone())?;
+        self.diff.set_id_mappings(maps);
+        let current = driver(&self.engine).ok();
+        let engine = match current {
+            Some(existing)
+                if existing.engine.home() == home && *existing.engine.settings() == settings =>
+            {
+                tracing::info!(home = %home.display(), "dockerd restarted; re-running recovery");
+                existing.engine.recover();
+                existing.engine.clone()
+            }
+            current => {
+                if let Some(existing) = &current {
+                    tracing::info!(
+                        old_home = %existing.engine.home().display(),
+                        new_home = %home.display(),
+                        "dockerd initialised again with other settings; switching to them"
+                    );
+                }
+                // The old engine and its lease go before the new one
+                // takes the lease.
+                *self.engine.write().unwrap_or_else(PoisonError::into_inner) = None;
+                drop(current);
+                let engine = Arc::new(Engine::open(settings, &home)?);
+                tracing::info!(
+                    home = %home.display(),
+                    host = engine.host_id(),
+                    mapper = %engine.mapper().kind(),
+                    "initialised"
+                );
+                engine
+            }
+        };
+        // A running exporter stops before the hydrate writes.
+        let old = self
+            .engine
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(old);
+        let fleet = Fleet::start(engine.clone(), hydrate)?;
+        self.save_init(&req)?;
+        *self.engine.write().unwrap_or_else(PoisonError::into_inner) =
+            Some(Arc::new(Driver { fleet, engine }));
+        Ok(())
+    }
+
     fn create_options(req: &CreateRequest, kind: LayerKind) -> Result<CreateOptions, PluginError> {
         let unknown: Vec<String> = req
             .storage_opt
@@ -299,36 +397,7 @@ impl GraphDriver for RbdPlugin {
     type Error = PluginError;
 
     fn init(&self, req: InitRequest) -> Result<(), PluginError> {
-        let settings = self.settings_for(&req)?;
-        let home = PathBuf::from(&req.home);
-        if !home.is_absolute() {
-            return Err(PluginError::BadHome { home: req.home });
-        }
-        let maps = IdMappings::new(req.uid_maps.clone(), req.gid_maps.clone())?;
-        self.diff.set_id_mappings(maps);
-        if let Ok(existing) = engine(&self.engine) {
-            if existing.home() == home && *existing.settings() == settings {
-                tracing::info!(home = %home.display(), "dockerd restarted; re-running recovery");
-                existing.recover();
-                self.save_init(&req)?;
-                return Ok(());
-            }
-            tracing::info!(
-                old_home = %existing.home().display(),
-                new_home = %home.display(),
-                "dockerd initialised again with other settings; switching to them"
-            );
-        }
-        let engine = Arc::new(Engine::open(settings, &home)?);
-        self.save_init(&req)?;
-        tracing::info!(
-            home = %home.display(),
-            host = engine.host_id(),
-            mapper = %engine.mapper().kind(),
-            "initialised"
-        );
-        *self.engine.write().unwrap_or_else(PoisonError::into_inner) = Some(engine);
-        Ok(())
+        self.init_with(req, true)
     }
 
     fn create(&self, req: CreateRequest) -> Result<(), PluginError> {
@@ -347,15 +416,18 @@ impl GraphDriver for RbdPlugin {
     }
 
     fn remove(&self, id: &str) -> Result<(), PluginError> {
-        Ok(engine(&self.engine)?.remove(id)?)
+        let driver = driver(&self.engine)?;
+        driver.engine.remove(id)?;
+        driver.fleet.trigger();
+        Ok(())
     }
 
     fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf, PluginError> {
-        let engine = engine(&self.engine)?;
-        let root = engine.get(id, mount_label)?;
+        let driver = driver(&self.engine)?;
+        let root = driver.get(id, mount_label)?;
         if let Err(e) = self.own_root(&root) {
             // Hand nothing out that Docker would find wrongly owned.
-            if let Err(put) = engine.put(id) {
+            if let Err(put) = driver.put(id) {
                 tracing::error!(error = %put, "releasing a layer after a failed chown failed");
             }
             return Err(e);
@@ -364,7 +436,7 @@ impl GraphDriver for RbdPlugin {
     }
 
     fn put(&self, id: &str) -> Result<(), PluginError> {
-        Ok(engine(&self.engine)?.put(id)?)
+        driver(&self.engine)?.put(id)
     }
 
     fn exists(&self, id: &str) -> Result<bool, PluginError> {
@@ -378,6 +450,10 @@ impl GraphDriver for RbdPlugin {
         status.push(("Host".into(), engine.host_id().to_string()));
         status.push(("Layers".into(), engine.list()?.len().to_string()));
         status.push(("Mounted Layers".into(), engine.mounts()?.len().to_string()));
+        if engine.lease_lost() {
+            status.push(("Lease".into(), "LOST: renewals are failing".into()));
+        }
+        status.extend(driver(&self.engine)?.fleet.status());
         Ok(status)
     }
 

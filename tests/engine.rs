@@ -79,8 +79,21 @@ impl Fixture {
         self.engine_at(self.home.path())
     }
 
+    /// An engine on `home`, as a host of its own: its host id is named
+    /// after the Home, so two Homes are two hosts of one fleet.
     fn engine_at(&self, home: &std::path::Path) -> Engine {
-        Engine::open_with(self.settings.clone(), home, fuse_helper()).expect("engine opens")
+        Engine::open_with(self.settings_for(home), home, fuse_helper()).expect("engine opens")
+    }
+
+    fn settings_for(&self, home: &std::path::Path) -> docker_rbd::config::Settings {
+        let mut settings = self.settings.clone();
+        let name = home.file_name().and_then(|n| n.to_str()).unwrap_or("home");
+        let id: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        settings.host_id = Some(format!("h-{id}"));
+        settings
     }
 
     fn images(&self) -> BTreeSet<String> {
@@ -112,9 +125,11 @@ impl Drop for Fixture {
                 let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
             }
         }
-        if let Ok(engine) =
-            Engine::open_with(self.settings.clone(), self.home.path(), fuse_helper())
-        {
+        if let Ok(engine) = Engine::open_with(
+            self.settings_for(self.home.path()),
+            self.home.path(),
+            fuse_helper(),
+        ) {
             for (id, _) in engine.mounts().unwrap_or_default() {
                 let _ = engine.put(&id);
                 while engine.mount_record(&id).ok().flatten().is_some() {
@@ -612,4 +627,50 @@ fn an_unreachable_cluster_fails_init_quickly() {
         elapsed < std::time::Duration::from_secs(20),
         "took {elapsed:?}"
     );
+}
+
+#[test]
+fn one_host_id_is_one_live_daemon() {
+    let Some(fx) = Fixture::new("one_host_id_is_one_live_daemon", &[]) else {
+        return;
+    };
+    let (home_a, home_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut same_id = fx.settings_for(home_a.path());
+    same_id.host_id = Some("twin".into());
+    let a = Engine::open_with(same_id.clone(), home_a.path(), fuse_helper()).expect("first opens");
+    assert_eq!(a.host_id(), "twin");
+    let started = std::time::Instant::now();
+    let err = match Engine::open_with(same_id.clone(), home_b.path(), fuse_helper()) {
+        Ok(_) => panic!("a second live daemon took host id twin"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, EngineError::HostConflict { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("\"twin\"") && text.contains(&home_a.path().display().to_string()),
+        "the error names the id and the holder's Home: {text}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let other = fx.engine_at(home_b.path());
+    assert!(other.host_is_live("twin").unwrap());
+    assert!(!other.host_is_live("nobody").unwrap());
+    let record = a
+        .store()
+        .hosts()
+        .get("twin")
+        .unwrap()
+        .expect("host record")
+        .value;
+    assert_eq!(record.home, home_a.path().display().to_string());
+    assert_eq!(record.lease_secs, 30);
+    assert!(!record.client_addr.is_empty());
+    drop(other);
+    // Reopening on the same Home is the same host restarting: at once.
+    drop(a);
+    let again = Engine::open_with(same_id.clone(), home_a.path(), fuse_helper()).expect("reopens");
+    // Nothing was mounted, so the first one gave its lease up: another
+    // Home may now take the id.
+    drop(again);
+    let b = Engine::open_with(same_id, home_b.path(), fuse_helper()).expect("released id reused");
+    assert_eq!(b.host_id(), "twin");
 }

@@ -14,6 +14,17 @@
 //! |---|---|---|---|
 //! | `P` `layers` | layer id (dockerd's 64 hex, BuildKit's 25 base-36, either optionally `-init`) | [`LayerRecord`] | Create, Remove, sealing, startup recovery |
 //! | `P` `hosts` | host id | [`HostRecord`] | each host at start and on every heartbeat |
+//! | `P` `host.<id>` | (cls lock `lease`, no omap) | the host's lease: held while it lives | its own daemon, renewed every few seconds |
+//! | `P` `docker.layers` | chain id `sha256:<hex>` | [`DockerLayerRecord`] | export, when a host's dockerd has or drops the layer |
+//! | `P` `docker.tarsplit.<hex>` | (object data) | the layer's `tar-split.json.gz` | export, before the layer's record names it |
+//! | `P` `docker.images` | image id `sha256:<hex>` | [`DockerImageRecord`] | export |
+//! | `P` `docker.tags` | reference (`repo:tag`, `repo@digest`) | [`DockerTagRecord`] | export |
+//! | `P` `containers` | container id | [`ContainerRecord`] | export; `Get`/`Put` of its read-write layer (state) |
+//!
+//! The `docker.*` and `containers` tables mirror dockerd's own files (see
+//! the driver's `fleet` module): each record lists its `holders`, the hosts
+//! whose dockerd has it. A host that drops something removes itself; the
+//! record goes with its last holder (a tar-split object after its record).
 //!
 //! Every value is JSON with a schema version `"v"` ([`SCHEMA_VERSION`]). A
 //! reader refuses a value from a newer schema rather than misreading it.
@@ -39,7 +50,10 @@
 mod record;
 mod table;
 
-pub use record::{HostRecord, LayerKind, LayerRecord, LayerState};
+pub use record::{
+    Blob, ContainerRecord, ContainerState, DockerImageRecord, DockerLayerRecord, DockerTagRecord,
+    HostRecord, LayerKind, LayerRecord, LayerState,
+};
 pub use table::{Record, Table, Versioned};
 
 use std::sync::Arc;
@@ -146,8 +160,38 @@ impl Store {
         Table::new(self.ioctx.clone(), format!("{}hosts", self.prefix))
     }
 
+    /// dockerd's layer store entries (`<prefix>docker.layers`).
+    pub fn docker_layers(&self) -> Table<DockerLayerRecord> {
+        Table::new(self.ioctx.clone(), format!("{}docker.layers", self.prefix))
+    }
+
+    /// dockerd's images (`<prefix>docker.images`).
+    pub fn docker_images(&self) -> Table<DockerImageRecord> {
+        Table::new(self.ioctx.clone(), format!("{}docker.images", self.prefix))
+    }
+
+    /// dockerd's image references (`<prefix>docker.tags`).
+    pub fn docker_tags(&self) -> Table<DockerTagRecord> {
+        Table::new(self.ioctx.clone(), format!("{}docker.tags", self.prefix))
+    }
+
+    /// The fleet's containers (`<prefix>containers`).
+    pub fn containers(&self) -> Table<ContainerRecord> {
+        Table::new(self.ioctx.clone(), format!("{}containers", self.prefix))
+    }
+
+    /// Name of the object holding the tar-split of layer `chain_hex`.
+    pub fn tar_split_object(&self, chain_hex: &str) -> String {
+        format!("{}docker.tarsplit.{chain_hex}", self.prefix)
+    }
+
     /// The I/O context.
     pub fn ioctx(&self) -> &Arc<IoCtx> {
         &self.ioctx
+    }
+
+    /// The prefix of every object name.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 }

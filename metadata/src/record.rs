@@ -80,6 +80,128 @@ pub struct HostRecord {
     pub heartbeat: u64,
     /// RADOS client address (for fencing a dead host).
     pub client_addr: String,
+    /// The driver's Home on that host (`<dockerd root>/<driver name>`).
+    #[serde(default)]
+    pub home: String,
+    /// Length of its lease in seconds.
+    #[serde(default)]
+    pub lease_secs: u64,
+    /// When its daemon started, seconds since the epoch.
+    #[serde(default)]
+    pub started: u64,
 }
 
 impl Record for HostRecord {}
+
+/// One entry of dockerd's layer store (`<prefix>docker.layers`, key = the
+/// chain id, `sha256:<hex>`): the files of `layerdb/sha256/<hex>/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerLayerRecord {
+    /// `diff`: the layer's diff id.
+    pub diff_id: String,
+    /// `size`: bytes of the layer's own changes.
+    pub size: u64,
+    /// `cache-id`: the driver's layer id.
+    pub cache_id: String,
+    /// `parent`: the parent's chain id; `None` for a base layer.
+    pub parent: Option<String>,
+    /// `descriptor.json`, for layers pulled from a registry with one.
+    pub descriptor: Option<String>,
+    /// `tar-split.json.gz`, kept in an object of its own.
+    pub tar_split: Option<Blob>,
+    /// Hosts whose dockerd has the layer.
+    pub holders: BTreeSet<String>,
+}
+
+impl Record for DockerLayerRecord {}
+
+/// A blob kept in a RADOS object of its own, with what a reader checks
+/// it against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob {
+    /// The object's name.
+    pub object: String,
+    /// Its length in bytes.
+    pub size: u64,
+    /// SHA-256 of its bytes, lowercase hex.
+    pub sha256: String,
+}
+
+/// One image of dockerd's image store (`<prefix>docker.images`, key = the
+/// image id, `sha256:<hex>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerImageRecord {
+    /// `imagedb/content/sha256/<hex>`: the image config, byte for byte
+    /// (its SHA-256 is the image id).
+    pub config: String,
+    /// `imagedb/metadata/sha256/<hex>/parent`.
+    pub parent: Option<String>,
+    /// `imagedb/metadata/sha256/<hex>/lastUpdated`.
+    pub last_updated: Option<String>,
+    /// Hosts whose dockerd has the image.
+    pub holders: BTreeSet<String>,
+}
+
+impl Record for DockerImageRecord {}
+
+/// One reference of `repositories.json` (`<prefix>docker.tags`, key =
+/// the reference, e.g. `busybox:latest`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerTagRecord {
+    /// The repository it is listed under (`busybox`).
+    pub repository: String,
+    /// The image id it names.
+    pub image: String,
+    /// Hosts whose dockerd has the reference.
+    pub holders: BTreeSet<String>,
+}
+
+impl Record for DockerTagRecord {}
+
+/// Whether a container runs, as far as the fleet knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerState {
+    /// Its read-write layer is in use on [`ContainerRecord::active_on`].
+    Running,
+    /// Not running anywhere.
+    Stopped,
+}
+
+/// One container (`<prefix>containers`, key = the container id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    /// Its name, as dockerd writes it (`/name`).
+    pub name: String,
+    /// `containers/<id>/config.v2.json` as the exporting host wrote it.
+    pub config: String,
+    /// `containers/<id>/hostconfig.json`.
+    pub hostconfig: Option<String>,
+    /// `layerdb/mounts/<id>/mount-id`: its read-write layer.
+    pub mount_id: String,
+    /// `layerdb/mounts/<id>/init-id`.
+    pub init_id: Option<String>,
+    /// `layerdb/mounts/<id>/parent`: the chain id of its image's top layer.
+    pub parent: Option<String>,
+    /// Running or stopped.
+    pub state: ContainerState,
+    /// The host its read-write layer is in use on (`Running`).
+    pub active_on: Option<String>,
+    /// The host that started it last.
+    pub ran_on: String,
+    /// `State.StartedAt` of the config, as written.
+    pub started_at: String,
+    /// The dockerd root of the host that exported `config` (the paths in it
+    /// start with it).
+    pub docker_root: String,
+    /// The host that exported `config`.
+    pub exported_by: String,
+    /// Bumped by every change; a host knows which generation it has.
+    pub generation: u64,
+    /// Hosts whose dockerd has the container.
+    pub holders: BTreeSet<String>,
+    /// Last change, seconds since the epoch.
+    pub updated_at: u64,
+}
+
+impl Record for ContainerRecord {}

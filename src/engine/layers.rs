@@ -258,11 +258,37 @@ impl Engine {
     }
 
     fn add_holder(&self, id: &LayerId) -> Result<()> {
+        if self.hold(id.as_str())? {
+            Ok(())
+        } else {
+            Err(EngineError::Conflict {
+                layer: id.to_string(),
+                reason: "is being removed concurrently".into(),
+            })
+        }
+    }
+
+    /// Records this host as a holder of layer `id` (its dockerd references
+    /// it, e.g. after loading another host's image or container), so that
+    /// another host's removal keeps it. Returns `false`, changing nothing,
+    /// when the layer does not exist or is no longer `Created` (it is on its
+    /// way out). The state is checked inside the compare-and-set, so a
+    /// concurrent removal and this either see each other or one loses.
+    pub fn hold(&self, id: &str) -> Result<bool> {
+        let id = Self::parse(id)?;
         let host = self.host_id.clone();
-        self.store.layers().modify(id.as_str(), |r| {
-            r.holders.insert(host.clone());
-        })?;
-        Ok(())
+        let written = self
+            .store
+            .layers()
+            .update(id.as_str(), |current| match current {
+                Some(r) if r.state == LayerState::Created => {
+                    let mut next = r.clone();
+                    next.holders.insert(host.clone());
+                    Ok(Some(next))
+                }
+                _ => Err(()),
+            })?;
+        Ok(written.is_ok())
     }
 
     /// Whether layer `rec`'s snapshot has clones.
@@ -303,9 +329,15 @@ impl Engine {
         {
             let _held = self.locks.lock(&[id.as_str()]);
             self.release_local(&id, true)?;
+            // Dropping the last holder and leaving `Created` are one
+            // compare-and-set: a host adding itself as holder meanwhile
+            // either lands first (and the layer stays) or sees it retired.
             let host = self.host_id.clone();
             let Some(rec) = layers.modify(id.as_str(), |r| {
                 r.holders.remove(&host);
+                if r.holders.is_empty() && r.state == LayerState::Created {
+                    r.state = LayerState::Retired;
+                }
             })?
             else {
                 return Ok(());
@@ -341,21 +373,30 @@ impl Engine {
         Ok(())
     }
 
-    /// Marks `rec` Retired if clones depend on it, else removes it. Returns
-    /// whether it was removed.
+    /// Removes a holder-less layer unless clones depend on it, in which case
+    /// it stays `Retired` until the last one goes. Returns whether it was
+    /// removed.
     fn retire_or_remove(&self, id: &LayerId, rec: LayerRecord) -> Result<bool> {
-        let layers = self.store.layers();
-        let state = if self.has_children(id, &rec)? {
-            LayerState::Retired
-        } else {
-            LayerState::Removing
-        };
-        let marked = LayerRecord { state, ..rec };
-        layers.modify(id.as_str(), |r| r.state = state)?;
-        if state == LayerState::Retired {
+        if self.has_children(id, &rec)? {
             tracing::info!(layer = %id, "clones still depend on the layer; retired until they go");
             return Ok(false);
         }
+        // Only a layer still retired and held by nobody goes.
+        let marked = self
+            .store
+            .layers()
+            .update(id.as_str(), |current| match current {
+                Some(r) if r.state == LayerState::Retired && r.holders.is_empty() => {
+                    Ok(Some(LayerRecord {
+                        state: LayerState::Removing,
+                        ..r.clone()
+                    }))
+                }
+                _ => Err(()),
+            })?;
+        let Ok(Some(marked)) = marked else {
+            return Ok(false);
+        };
         self.finish_removal(id, &marked)?;
         Ok(true)
     }
@@ -499,6 +540,15 @@ impl Engine {
                 LayerState::Removing => {
                     tracing::warn!(layer = %layer, "finishing a removal interrupted by a crash");
                     self.finish_removal(&layer, &record)
+                }
+                LayerState::Retired => {
+                    // Its last clone may have gone while nobody removed it.
+                    let _held = self.locks.lock(&[layer.as_str()]);
+                    self.retire_or_remove(&layer, record).map(|removed| {
+                        if removed {
+                            tracing::info!(layer = %layer, "collected a retired layer whose clones are gone");
+                        }
+                    })
                 }
                 _ => Ok(()),
             };

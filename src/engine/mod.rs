@@ -26,6 +26,7 @@
 
 pub mod base;
 pub mod layers;
+pub mod lease;
 mod locks;
 pub mod mounts;
 
@@ -122,6 +123,20 @@ pub enum EngineError {
         /// What conflicts.
         reason: String,
     },
+    /// Another live daemon holds this host id's lease.
+    #[error(
+        "host id {host:?} is in use by another live docker-rbd (client {holder}, host name {hostname:?}, home {home:?}): give each host its own rbd.hostid"
+    )]
+    HostConflict {
+        /// The host id.
+        host: String,
+        /// The RADOS address of the daemon holding it.
+        holder: String,
+        /// The host name that daemon recorded.
+        hostname: String,
+        /// The Home that daemon recorded.
+        home: String,
+    },
     /// A per-container storage option is wrong.
     #[error("invalid storage option {key}={value:?}: {reason}")]
     StorageOpt {
@@ -207,6 +222,7 @@ pub struct Engine {
     runner: Arc<dyn mapper::runner::CommandRunner>,
     local: LocalState,
     locks: LayerLocks,
+    lease: Option<lease::HostLease>,
 }
 
 impl Engine {
@@ -251,7 +267,19 @@ impl Engine {
         let mapper = Mapper::probe(settings.mapper, &mapper_config)
             .map_err(mapper_err("choosing the block-device mapper", ""))?;
         let local = LocalState::open(&home.join("state.redb"))?;
-        let host_id = host_id(home)?;
+        let host_id = match &settings.host_id {
+            Some(id) => id.clone(),
+            None => default_host_id(),
+        };
+        let client_addr = rados.client_addr().unwrap_or_default();
+        let lease = lease::HostLease::acquire(lease::LeaseRequest {
+            store: &store,
+            host: &host_id,
+            home,
+            duration: settings.lease_duration,
+            renew: settings.lease_renew,
+            client_addr,
+        })?;
         let engine = Self {
             settings,
             home: home.to_path_buf(),
@@ -263,6 +291,7 @@ impl Engine {
             runner,
             local,
             locks: LayerLocks::default(),
+            lease: Some(lease),
         };
         engine.recover();
         Ok(engine)
@@ -273,7 +302,8 @@ impl Engine {
         &self.settings
     }
 
-    /// This host's id (stable across restarts, kept in `<home>/host-id`).
+    /// This host's id in the fleet (`rbd.hostid`, else from
+    /// `/etc/machine-id`).
     pub fn host_id(&self) -> &str {
         &self.host_id
     }
@@ -296,6 +326,19 @@ impl Engine {
     /// The cluster handle.
     pub fn rados(&self) -> &Rados {
         &self.rados
+    }
+
+    /// Whether host `host` holds its lease (is alive).
+    pub fn host_is_live(&self, host: &str) -> Result<bool> {
+        if host == self.host_id {
+            return Ok(true);
+        }
+        lease::host_is_live(&self.ioctx, self.store.prefix(), host)
+    }
+
+    /// Whether this host's last lease renewal failed.
+    pub fn lease_lost(&self) -> bool {
+        self.lease.as_ref().is_some_and(lease::HostLease::is_lost)
     }
 
     /// Startup recovery: adopt or clean up local mounts, then finish or
@@ -332,43 +375,28 @@ fn ensure_namespace(rados: &Rados, pool: &str, namespace: &str) -> Result<()> {
     }
 }
 
-/// Reads this host's id from `<home>/host-id`, making one on first use:
-/// the host name plus random hex, so ids stay unique when names repeat.
-fn host_id(home: &Path) -> Result<String> {
-    let path = home.join("host-id");
-    match std::fs::read_to_string(&path) {
-        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io("read", &path)(e)),
-    }
+/// This host's id when `rbd.hostid` is not set: `/etc/machine-id`, else
+/// the host name ([`crate::names::default_host_id`]).
+fn default_host_id() -> String {
+    let machine_id = std::fs::read_to_string("/etc/machine-id").ok();
     let hostname = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "host".to_string());
-    let mut random = [0u8; 4];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
-        .map_err(io("read", Path::new("/dev/urandom")))?;
-    let id = format!(
-        "{}-{}",
-        hostname
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            })
-            .collect::<String>(),
-        random
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    );
-    let tmp = home.join("host-id.tmp");
-    std::fs::write(&tmp, &id).map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-    Ok(id)
+        .unwrap_or_default();
+    crate::names::default_host_id(machine_id.as_deref(), &hostname)
+}
+
+impl Drop for Engine {
+    /// Stops renewing the lease. It is released at once only when no layer
+    /// is mounted here: a container still running on a mounted layer
+    /// (live-restore, a plugin restart) must not look abandoned to other
+    /// hosts while the lease would still run.
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let idle = self.mounts().is_ok_and(|m| m.is_empty());
+            lease.stop(idle);
+        }
+    }
 }
 
 pub(crate) fn now() -> u64 {
