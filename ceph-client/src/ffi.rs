@@ -27,6 +27,8 @@ pub type rados_write_op_t = *mut c_void;
 pub type rados_read_op_t = *mut c_void;
 /// `rados_omap_iter_t`: an iterator over omap key/value pairs.
 pub type rados_omap_iter_t = *mut c_void;
+/// `rados_list_ctx_t`: an object listing in progress.
+pub type rados_list_ctx_t = *mut c_void;
 
 /// `rados_watchcb2_t`:
 /// `void (*)(void *arg, uint64_t notify_id, uint64_t handle, uint64_t notifier_id, void *data, size_t data_len)`.
@@ -111,6 +113,14 @@ unsafe extern "C" {
         pmtime: *mut time_t,
     ) -> c_int;
     pub fn rados_remove(io: rados_ioctx_t, oid: *const c_char) -> c_int;
+    pub fn rados_nobjects_list_open(io: rados_ioctx_t, ctx: *mut rados_list_ctx_t) -> c_int;
+    pub fn rados_nobjects_list_next(
+        ctx: rados_list_ctx_t,
+        entry: *mut *const c_char,
+        key: *mut *const c_char,
+        nspace: *mut *const c_char,
+    ) -> c_int;
+    pub fn rados_nobjects_list_close(ctx: rados_list_ctx_t);
 
     pub fn rados_create_write_op() -> rados_write_op_t;
     pub fn rados_release_write_op(write_op: rados_write_op_t);

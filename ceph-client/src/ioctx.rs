@@ -269,6 +269,49 @@ impl IoCtx {
         Ok(())
     }
 
+    /// The names of every object in this context's namespace, in no
+    /// particular order (a listing walks every placement group: meant for
+    /// tools and tests, not hot paths).
+    pub fn list_objects(&self) -> Result<Vec<String>> {
+        const OP: &str = "rados_nobjects_list";
+        let mut ctx: ffi::rados_list_ctx_t = ptr::null_mut();
+        // SAFETY: valid ioctx and out-pointer.
+        let ret = unsafe { ffi::rados_nobjects_list_open(self.inner.ptr, &mut ctx) };
+        check(
+            OP,
+            || Target::Pool(self.pool_name().to_string()),
+            ret.into(),
+        )?;
+        let mut names = Vec::new();
+        let result = loop {
+            let mut entry: *const libc::c_char = ptr::null();
+            // SAFETY: `ctx` is open; the out-pointers are valid; key and
+            // namespace may be null.
+            let ret = unsafe {
+                ffi::rados_nobjects_list_next(ctx, &mut entry, ptr::null_mut(), ptr::null_mut())
+            };
+            if ret == -libc::ENOENT {
+                break Ok(());
+            }
+            if let Err(e) = check(
+                OP,
+                || Target::Pool(self.pool_name().to_string()),
+                ret.into(),
+            ) {
+                break Err(e);
+            }
+            if !entry.is_null() {
+                // SAFETY: librados returns a NUL-terminated string valid
+                // until the next call on `ctx`; it is copied at once.
+                let name = unsafe { std::ffi::CStr::from_ptr(entry) };
+                names.push(name.to_string_lossy().into_owned());
+            }
+        };
+        // SAFETY: `ctx` was opened above and is closed once.
+        unsafe { ffi::rados_nobjects_list_close(ctx) };
+        result.map(|()| names)
+    }
+
     /// Applies every step of `op` to `oid` atomically: all of them or none.
     /// A failed [`WriteOp::omap_cmp_eq`] gives `ECANCELED`, a failed
     /// exclusive create `EEXIST`, [`WriteOp::assert_version`] `ERANGE` (object

@@ -66,6 +66,36 @@ fn namespaces_isolate_objects() {
 }
 
 #[test]
+fn listing_names_every_object_of_the_namespace_only() {
+    let Some(t) = setup("listing_names_every_object_of_the_namespace_only") else {
+        return;
+    };
+    // Registering the RBD namespace made librbd's own objects.
+    let before: std::collections::BTreeSet<String> =
+        t.io.list_objects().unwrap().into_iter().collect();
+    let names = ["a", "b.c", "with space"];
+    let _g: Vec<ObjectGuard> = names.iter().map(|n| ObjectGuard::new(&t.io, n)).collect();
+    for n in names {
+        t.io.write_full(n, b"x").unwrap();
+    }
+    let other = t
+        .rados
+        .ioctx(&t.env.pool, Some(&testkit::ceph::unique_namespace("other")))
+        .unwrap();
+    other.write_full("elsewhere", b"y").unwrap();
+    let listed: Vec<String> =
+        t.io.list_objects()
+            .unwrap()
+            .into_iter()
+            .filter(|n| !before.contains(n))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+    assert_eq!(listed, names);
+    other.remove("elsewhere").unwrap();
+}
+
+#[test]
 fn exclusive_create_and_asserts() {
     let Some(t) = setup("exclusive_create_and_asserts") else {
         return;
