@@ -13,7 +13,7 @@
 //! on them, because a dockerd start-up takes seconds.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use metadata::LayerRecord;
 use testkit::ceph::CephEnv;
 use testkit::daemon::Daemon;
 use testkit::dockerd::{Dockerd, DockerdConfig};
+use testkit::driver::fuse_servers_under;
 use testkit::images::{self, Layer};
 
 const PLUGIN_BIN: &str = env!("CARGO_BIN_EXE_docker-rbd");
@@ -405,12 +406,6 @@ impl Fixture {
     }
 }
 
-/// Live FUSE server processes serving a mount under `dir`.
-fn fuse_servers_under(dir: &Path) -> Vec<i32> {
-    let needle = format!("--mountpoint {}/", dir.display());
-    testkit::process::live_pids_with_cmdline(&needle)
-}
-
 impl Drop for Fixture {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -437,174 +432,26 @@ impl Drop for Fixture {
         }
         let left = home
             .as_ref()
-            .map(|home| cleanup_driver_home(&self.test, home))
-            .unwrap_or_default();
+            .map(|home| testkit::driver::cleanup_home(&self.test, home, None));
         drop(self.dockerd.take());
         // What a container of a dead dockerd still held: the guard ended the
         // container processes, so the loop devices detach on their last
         // close, and then their FUSE servers exit.
-        // A loop number, once free, may serve a test running alongside:
-        // only a backing file under this test's Home is still ours.
-        let ours = |n: u32| {
-            loopdev::backing_file(n).filter(|b| home.as_ref().is_some_and(|h| b.starts_with(h)))
-        };
-        for n in left.loops {
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while ours(n).is_some() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if let Some(file) = ours(n) {
-                eprintln!(
-                    "[{}] cleanup: loop{n} is still attached to {}",
-                    self.test,
-                    file.display()
-                );
-            }
-        }
-        for pid in left.servers {
-            if !testkit::process::wait_dead(pid, Duration::from_secs(15))
-                && let Err(e) = testkit::process::terminate(pid, Duration::from_secs(5))
-            {
-                eprintln!("[{}] cleanup: FUSE server: {e}", self.test);
-            }
+        if let Some(left) = left {
+            let _ = left.finish();
         }
         self.remove_namespace();
     }
 }
 
-/// What [`cleanup_driver_home`] could not end yet.
-#[derive(Default)]
-struct Leftovers {
-    /// Loop devices still held open, set to detach on their last close.
-    loops: Vec<u32>,
-    /// FUSE servers still running (pinned by those loop devices).
-    servers: Vec<i32>,
-}
-
-/// Unmounts the layers under `home`, detaches the loop devices on its FUSE
-/// files, unmounts those and ends their servers.
-fn cleanup_driver_home(test: &str, home: &Path) -> Leftovers {
-    let umount = |m: &Path| {
-        if nix::mount::umount(m).is_err() {
-            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-        }
-    };
-    let mut mounts = testkit::mounts::mounts_under(None, &home.join("mnt")).unwrap_or_default();
-    mounts.reverse();
-    for m in &mounts {
-        eprintln!("[{test}] cleanup: unmounting {}", m.display());
-        umount(m);
-    }
-    let servers = fuse_servers_under(home);
-    let mut pinned = Vec::new();
-    for (n, file) in loopdev::backed_under(home) {
-        eprintln!("[{test}] cleanup: detaching loop{n} ({})", file.display());
-        if let Err(e) = loopdev::detach(n, Duration::from_secs(10)) {
-            // A container process of a dead dockerd still holds the
-            // filesystem on it: let the kernel detach it on its last close.
-            eprintln!("[{test}] cleanup: loop{n}: {e}; detaching it on its last close");
-            match loop_clear_on_last_close(n) {
-                Ok(()) => pinned.push(n),
-                Err(e) => eprintln!("[{test}] cleanup: LOOP_CLR_FD loop{n}: {e}"),
-            }
-        }
-    }
-    let mut fuse_mounts =
-        testkit::mounts::mounts_under(None, &home.join("fuse")).unwrap_or_default();
-    fuse_mounts.reverse();
-    for m in &fuse_mounts {
-        eprintln!("[{test}] cleanup: unmounting {}", m.display());
-        umount(m);
-    }
-    if !pinned.is_empty() {
-        // Their servers must keep serving until the loop devices let go.
-        return Leftovers {
-            loops: pinned,
-            servers,
-        };
-    }
-    let servers = servers
-        .into_iter()
-        .filter(|&pid| {
-            // A server exits once its mount is gone.
-            if testkit::process::wait_dead(pid, Duration::from_secs(10)) {
-                return false;
-            }
-            testkit::process::terminate(pid, Duration::from_secs(5)).is_err()
-                || testkit::process::is_live(pid)
-        })
-        .collect();
-    Leftovers {
-        loops: Vec::new(),
-        servers,
-    }
-}
-
-/// `LOOP_CLR_FD` on an open (not exclusive) loop device: a device still in
-/// use gets the autoclear flag and detaches when its last user closes it.
-fn loop_clear_on_last_close(n: u32) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
-    let dev = std::fs::File::open(format!("/dev/loop{n}"))?;
-    // SAFETY: LOOP_CLR_FD takes no argument; `dev` is an open descriptor
-    // for the duration of the call.
-    let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        // ENXIO: detached meanwhile.
-        if e.raw_os_error() != Some(libc::ENXIO) {
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
 impl Fixture {
-    /// Removes every RBD image of the namespace (clones before parents,
-    /// snapshots first), the metadata objects, and the RBD namespace.
+    /// Removes every RBD image, every object and the RBD namespace.
     fn remove_namespace(&self) {
-        // An image whose last user died uncleanly keeps a watch for up to
-        // 30 s; retry that long and a bit.
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let images: Vec<String> = match rbd::list(&self.ioctx) {
-                Ok(list) => list.into_iter().map(|i| i.name).collect(),
-                Err(e) => {
-                    eprintln!("[{}] cleanup: list images: {e}", self.test);
-                    break;
-                }
-            };
-            if images.is_empty() {
-                break;
+        match self.rados.ioctx(&self.ceph.pool, None) {
+            Ok(pool) => {
+                testkit::driver::remove_namespace(&self.test, &self.ioctx, &pool, &self.namespace)
             }
-            for name in &images {
-                if let Ok(img) = Image::open(&self.ioctx, name, None) {
-                    for snap in img.snap_list().unwrap_or_default() {
-                        let _ = img.snap_remove(&snap.name);
-                    }
-                }
-                let _ = rbd::remove(&self.ioctx, name);
-            }
-            if Instant::now() >= deadline {
-                eprintln!("[{}] cleanup: RBD images left: {images:?}", self.test);
-                break;
-            }
-            if rbd::list(&self.ioctx).is_ok_and(|l| !l.is_empty()) {
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        }
-        let prefix = self.naming.prefix();
-        for object in ["layers", "hosts", "base.lock"] {
-            let _ = self.ioctx.remove(&format!("{prefix}{object}"));
-        }
-        if let Ok(pool) = self.rados.ioctx(&self.ceph.pool, None)
-            && let Err(e) = rbd::namespace_remove(&pool, &self.namespace)
-            && !e.is_not_found()
-        {
-            eprintln!(
-                "[{}] cleanup: remove namespace {}: {e}",
-                self.test, self.namespace
-            );
+            Err(e) => eprintln!("[{}] cleanup: pool: {e}", self.test),
         }
     }
 }

@@ -796,6 +796,47 @@ pub fn chain_expected(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Reads a `docker save` tarball: the first image's config and the
+/// `sha256:<hex>` of each of its layer tars, bottom first (which equal
+/// the image's diff ids when the layers were reproduced byte for byte).
+pub fn read_saved(tar_bytes: &[u8]) -> Result<(Vec<u8>, Vec<String>), String> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut archive = tar::Archive::new(tar_bytes);
+    for entry in archive
+        .entries()
+        .map_err(|e| format!("save tarball: {e}"))?
+    {
+        let mut entry = entry.map_err(|e| format!("save tarball: {e}"))?;
+        let path = entry
+            .path()
+            .map_err(|e| format!("save tarball: {e}"))?
+            .display()
+            .to_string();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data)
+            .map_err(|e| format!("save tarball {path}: {e}"))?;
+        files.insert(path, data);
+    }
+    let manifest = files.get("manifest.json").ok_or("no manifest.json")?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(manifest).map_err(|e| format!("manifest.json: {e}"))?;
+    let first = &manifest[0];
+    let file = |name: &serde_json::Value| {
+        let name = name.as_str().ok_or("manifest entry is not a string")?;
+        files
+            .get(name)
+            .ok_or_else(|| format!("{name} is missing from the tarball"))
+    };
+    let config = file(&first["Config"])?.clone();
+    let layers = first["Layers"]
+        .as_array()
+        .ok_or("manifest has no Layers")?
+        .iter()
+        .map(|l| file(l).map(|bytes| format!("sha256:{}", crate::sha256::hex_digest(bytes))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((config, layers))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,11 @@
 //! - [`dockerd`]: a private dockerd per test ([`dockerd::Dockerd`]).
 //! - [`host`]: a private mount namespace standing for one machine
 //!   ([`host::Host`]), so one test can run several dockerds side by side.
+//! - [`driver`]: cleaning up what the RBD driver left under its Home and
+//!   in a test's RADOS namespace.
+//! - [`fleet`]: several hosts ([`host::Host`], each with its own
+//!   `docker-rbd serve` and dockerd) sharing one RADOS namespace, for the
+//!   tests that move containers between hosts.
 //! - [`images`]: image tarballs without a registry (`docker import` rootfs,
 //!   `docker save`-format multi-layer images with Docker's special entries).
 //! - [`daemon`]: a background daemon (a plugin server) started by a test,
@@ -19,6 +24,8 @@
 pub mod ceph;
 pub mod daemon;
 pub mod dockerd;
+pub mod driver;
+pub mod fleet;
 pub mod host;
 pub mod images;
 pub mod mounts;

@@ -1,0 +1,473 @@
+//! Acceptance tests of the fleet: several dockerd hosts on one machine
+//! (each its own mount namespace, data root, `docker-rbd serve` and host
+//! id; [`testkit::fleet`]) sharing one Ceph cluster and RADOS namespace.
+//! Images and containers made on one host appear on hosts that boot with
+//! an empty data root, and containers start there with their data.
+//!
+//! Needs root, /dev/fuse, /dev/loop-control, dockerd and the test cluster;
+//! skipped when run bare without them, failed under `scripts/test`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ceph_client::WriteOp;
+use metadata::{ContainerRecord, ContainerState, Store};
+use testkit::fleet::{Fleet, FleetHost};
+use testkit::images;
+
+const PLUGIN_BIN: &str = env!("CARGO_BIN_EXE_docker-rbd");
+
+/// The moving container's program: the first run writes 50 MiB and its
+/// checksum (synced); every run checks the checksum, adds a line to a log
+/// and prints how many runs the log holds.
+const MOVER: &str = "[ -f /data/sum ] || { mkdir -p /data && \
+     dd if=/dev/urandom of=/data/blob bs=1M count=50 conv=fsync 2>/dev/null && \
+     sha256sum /data/blob > /data/sum && sync; }; \
+     sha256sum -c /data/sum && echo run >> /data/log && sync && echo runs=$(wc -l < /data/log)";
+
+fn store(fleet: &Fleet) -> Store {
+    Store::new(fleet.ioctx().clone(), "docker-rbd.")
+}
+
+fn container_id(h: &FleetHost, name: &str) -> String {
+    h.ok(["inspect", "-f", "{{.Id}}", name]).trim().to_string()
+}
+
+/// `docker images` as `id repo:tag` lines.
+fn image_list(h: &FleetHost) -> BTreeSet<String> {
+    h.ok([
+        "images",
+        "--no-trunc",
+        "--format",
+        "{{.ID}} {{.Repository}}:{{.Tag}}",
+    ])
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// `docker ps -a` as `id name status-word` lines (`Up` or `Exited`...).
+fn containers(h: &FleetHost) -> BTreeSet<String> {
+    h.ok([
+        "ps",
+        "-a",
+        "--no-trunc",
+        "--format",
+        "{{.ID}} {{.Names}} {{.State}}",
+    ])
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+fn import_busybox(h: &FleetHost, dir: &Path, tag: &str) {
+    let rootfs = dir.join("busybox-rootfs.tar");
+    if !rootfs.exists() {
+        images::write_busybox_rootfs_tar(&rootfs).unwrap();
+    }
+    h.ok(["import".as_ref(), rootfs.as_os_str(), tag.as_ref()]);
+}
+
+/// Waits until `check` holds for container `id`'s fleet record; returns how
+/// long that took.
+fn wait_record(
+    fleet: &Fleet,
+    id: &str,
+    timeout: Duration,
+    check: impl Fn(&ContainerRecord) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Some(r) = store(fleet).containers().get(id).unwrap()
+            && check(&r.value)
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "container {id}: the fleet record did not get there within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until container `name`'s log holds `text`.
+fn wait_logs(h: &FleetHost, name: &str, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !h.ok(["logs", name]).contains(text) {
+        assert!(Instant::now() < deadline, "{name} did not log {text:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Removes every container and image of `h`'s dockerd.
+fn clear(h: &FleetHost) {
+    for id in h.ok(["ps", "-aq", "--no-trunc"]).split_whitespace() {
+        h.ok(["rm", "-f", id]);
+    }
+    for id in h
+        .ok(["images", "-q", "--no-trunc"])
+        .split_whitespace()
+        .collect::<BTreeSet<_>>()
+    {
+        h.ok(["rmi", "-f", id]);
+    }
+}
+
+fn config_running(r: &ContainerRecord) -> bool {
+    let v: serde_json::Value = serde_json::from_str(&r.config).unwrap();
+    v["State"]["Running"].as_bool().unwrap_or(true)
+}
+
+#[test]
+fn containers_and_images_move_between_diskless_hosts() {
+    let test = "containers_and_images_move_between_diskless_hosts";
+    let Some(fleet) = Fleet::start(test, Path::new(PLUGIN_BIN), &[]) else {
+        return;
+    };
+    let files = testkit::scratch_dir("fleet-files").unwrap();
+    let mut a = fleet.host("a", &["--host-id", "host-a"]);
+    fleet.phase("host a up");
+
+    import_busybox(&a, files.path(), "busy:1");
+    let special = a.dockerd().load_special("special:1", files.path());
+    a.ok([
+        "create",
+        "--name",
+        "mover",
+        "--network",
+        "none",
+        "busy:1",
+        "sh",
+        "-c",
+        MOVER,
+    ]);
+    let out = a.ok(["start", "-a", "mover"]);
+    assert!(
+        out.contains("/data/blob: OK") && out.contains("runs=1"),
+        "{out}"
+    );
+    let mover = container_id(&a, "mover");
+
+    // A stopped container is in the fleet, stopped, when `docker stop`
+    // returns; its final config.v2.json follows within the next pass.
+    a.ok([
+        "run",
+        "-d",
+        "--name",
+        "sleeper",
+        "--network",
+        "none",
+        "busy:1",
+        "sleep",
+        "600",
+    ]);
+    let sleeper = container_id(&a, "sleeper");
+    wait_record(&fleet, &sleeper, Duration::from_secs(10), |r| {
+        r.state == ContainerState::Running && config_running(r)
+    });
+    a.ok(["stop", "-t", "1", "sleeper"]);
+    let state_after = wait_record(&fleet, &sleeper, Duration::from_secs(5), |r| {
+        r.state == ContainerState::Stopped && r.active_on.is_none()
+    });
+    let config_after = wait_record(&fleet, &sleeper, Duration::from_secs(5), |r| {
+        !config_running(r)
+    });
+    eprintln!(
+        "[{test}] after `docker stop` returned: recorded stopped in {} ms, final config.v2.json exported in {} ms",
+        state_after.as_millis(),
+        config_after.as_millis()
+    );
+
+    // `always` containers running on a live host are not taken elsewhere.
+    a.ok([
+        "run",
+        "-d",
+        "--restart",
+        "always",
+        "--name",
+        "keeper",
+        "--network",
+        "none",
+        "busy:1",
+        "sleep",
+        "600",
+    ]);
+    let keeper = container_id(&a, "keeper");
+    wait_record(&fleet, &keeper, Duration::from_secs(10), |r| {
+        r.state == ContainerState::Running
+    });
+    fleet.phase("host a has images and containers");
+
+    // B boots with an empty data root.
+    let b = fleet.host("b", &["--host-id", "host-b"]);
+    fleet.phase("host b up");
+    assert_eq!(
+        image_list(&b),
+        image_list(&a),
+        "the same image ids and tags"
+    );
+    let on_b = containers(&b);
+    assert!(on_b.contains(&format!("{mover} mover exited")), "{on_b:?}");
+    assert!(
+        on_b.contains(&format!("{sleeper} sleeper exited")),
+        "{on_b:?}"
+    );
+    assert!(
+        !on_b.iter().any(|c| c.contains("keeper")),
+        "a container running on live host a is not on b: {on_b:?}"
+    );
+    let out = b.ok(["start", "-a", "mover"]);
+    assert!(
+        out.contains("/data/blob: OK") && out.contains("runs=2"),
+        "b sees a's data: {out}"
+    );
+    assert_eq!(
+        b.dockerd()
+            .run_sh("special:1", images::SPECIAL_CHECK_SCRIPT),
+        images::SPECIAL_CHECK_EXPECTED
+    );
+    // The tar-split came along: b saves the image byte for byte as a did.
+    let saved = files.path().join("special-from-b.tar");
+    b.ok([
+        "save".as_ref(),
+        "-o".as_ref(),
+        saved.as_os_str(),
+        "special:1".as_ref(),
+    ]);
+    let (config, layers) = images::read_saved(&std::fs::read(&saved).unwrap()).unwrap();
+    assert_eq!(config, special.config, "b's save holds the same config");
+    assert_eq!(layers, special.diff_ids, "and the same layer bytes");
+
+    // B runs it again and stops; A, restarted, starts it with B's writes.
+    let out = b.ok(["start", "-a", "mover"]);
+    assert!(out.contains("runs=3"), "{out}");
+    wait_record(&fleet, &mover, Duration::from_secs(5), |r| {
+        r.exported_by == "host-b" && r.state == ContainerState::Stopped
+    });
+    a.restart_dockerd();
+    fleet.phase("host a restarted");
+    let out = a.ok(["start", "-a", "mover"]);
+    assert!(
+        out.contains("/data/blob: OK") && out.contains("runs=4"),
+        "a sees b's runs: {out}"
+    );
+    assert!(
+        containers(&a).contains(&format!("{keeper} keeper running")),
+        "a's own `always` container came back with a's dockerd: {:?}",
+        containers(&a)
+    );
+
+    // rmi -f on A takes nothing from B.
+    a.ok(["rmi", "-f", "busy:1"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let out = b.ok(["start", "-a", "mover"]);
+    assert!(out.contains("runs=5"), "{out}");
+    assert_eq!(b.dockerd().run_sh("busy:1", "echo ran"), "ran\n");
+
+    // Created on A while B is up; and one name on two hosts.
+    a.ok([
+        "create",
+        "--name",
+        "late",
+        "--network",
+        "none",
+        "special:1",
+        "true",
+    ]);
+    let late = container_id(&a, "late");
+    a.ok([
+        "create",
+        "--name",
+        "dup",
+        "--network",
+        "none",
+        "special:1",
+        "true",
+    ]);
+    b.ok([
+        "create",
+        "--name",
+        "dup",
+        "--network",
+        "none",
+        "special:1",
+        "true",
+    ]);
+    let dup_a = container_id(&a, "dup");
+    let dup_b = container_id(&b, "dup");
+    for id in [&late, &dup_a, &dup_b] {
+        wait_record(&fleet, id, Duration::from_secs(10), |_| true);
+    }
+    let c = fleet.host("c", &["--host-id", "host-c"]);
+    fleet.phase("host c up");
+    let on_c = containers(&c);
+    assert!(on_c.contains(&format!("{late} late created")), "{on_c:?}");
+    let dups: Vec<&String> = on_c.iter().filter(|l| l.contains(" dup ")).collect();
+    assert_eq!(dups.len(), 1, "one of the two `dup` containers: {on_c:?}");
+    let log = c.plugin_log();
+    assert!(
+        log.contains("named \\\"/dup\\\"") || log.contains("named \"/dup\""),
+        "the skipped one is named in the log"
+    );
+    assert!(
+        log.contains(&dup_a) && log.contains(&dup_b),
+        "the log names both dup containers"
+    );
+    assert!(!on_c.iter().any(|l| l.contains("keeper")), "{on_c:?}");
+    assert!(containers(&b).iter().all(|l| !l.contains("keeper")));
+
+    // Every host removes everything it has: then the fleet is empty.
+    for h in [&a, &b, &c] {
+        clear(h);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !store(&fleet).containers().list().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(store(&fleet).containers().list().unwrap().is_empty());
+    assert!(store(&fleet).docker_images().list().unwrap().is_empty());
+    assert!(store(&fleet).docker_layers().list().unwrap().is_empty());
+    let left: Vec<String> = ceph_client::rbd::list(fleet.ioctx())
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .filter(|n| !n.contains(".base."))
+        .collect();
+    assert!(left.is_empty(), "layers left: {left:?}");
+    drop(c);
+    drop(b);
+    a.crash();
+}
+
+#[test]
+fn a_host_killed_right_after_docker_stop_hands_its_container_over() {
+    let test = "a_host_killed_right_after_docker_stop_hands_its_container_over";
+    let Some(fleet) = Fleet::start(test, Path::new(PLUGIN_BIN), &[]) else {
+        return;
+    };
+    let files = testkit::scratch_dir("fleet-files").unwrap();
+    let mut a = fleet.host("a", &["--host-id", "host-a"]);
+    import_busybox(&a, files.path(), "busy:1");
+    let script = format!("{MOVER}; exec sleep 600");
+    a.ok([
+        "run",
+        "-d",
+        "--name",
+        "writer",
+        "--network",
+        "none",
+        "busy:1",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    wait_logs(&a, "writer", "runs=1");
+    a.ok(["stop", "-t", "1", "writer"]);
+    a.crash();
+    fleet.phase("host a stopped its container and died");
+    let b = fleet.host("b", &["--host-id", "host-b"]);
+    b.ok(["start", "writer"]);
+    wait_logs(&b, "writer", "runs=2");
+    let out = b.ok(["logs", "writer"]);
+    assert!(
+        out.contains("/data/blob: OK"),
+        "b has all that a synced: {out}"
+    );
+    b.ok(["stop", "-t", "1", "writer"]);
+    drop(b);
+}
+
+#[test]
+fn broken_fleet_records_are_skipped_and_named() {
+    let test = "broken_fleet_records_are_skipped_and_named";
+    let Some(fleet) = Fleet::start(test, Path::new(PLUGIN_BIN), &[]) else {
+        return;
+    };
+    let files = testkit::scratch_dir("fleet-files").unwrap();
+    let a = fleet.host("a", &["--host-id", "host-a"]);
+    import_busybox(&a, files.path(), "busy:1");
+    a.ok([
+        "create",
+        "--name",
+        "fine",
+        "--network",
+        "none",
+        "busy:1",
+        "echo",
+        "fine",
+    ]);
+    let fine = container_id(&a, "fine");
+    let rec = wait_record(&fleet, &fine, Duration::from_secs(10), |_| true);
+    let _ = rec;
+    let store = store(&fleet);
+    let good = store.containers().get(&fine).unwrap().unwrap().value;
+    // A container whose layers are gone, a value from a newer docker-rbd,
+    // an undecodable image, a truncated tar-split.
+    let orphan = "e".repeat(64);
+    let mut missing = good.clone();
+    missing.name = "/orphan".into();
+    missing.mount_id = "f".repeat(64);
+    missing.init_id = Some(format!("{}-init", "f".repeat(64)));
+    store.containers().create(&orphan, &missing).unwrap();
+    let future = "d".repeat(64);
+    let bogus_image = format!("sha256:{}", "c".repeat(64));
+    fleet
+        .ioctx()
+        .operate(
+            store.containers().object(),
+            WriteOp::new()
+                .omap_set(&[(future.as_str(), br#"{"v":99,"name":"/future"}"#.as_slice())]),
+        )
+        .unwrap();
+    fleet
+        .ioctx()
+        .operate(
+            store.docker_images().object(),
+            WriteOp::new().omap_set(&[(bogus_image.as_str(), b"{not json".as_slice())]),
+        )
+        .unwrap();
+    let layers = store.docker_layers().list().unwrap();
+    let blob = layers
+        .iter()
+        .find_map(|(_, r)| r.as_ref().ok()?.value.tar_split.clone())
+        .expect("the busybox layer has a tar-split");
+    let bytes = fleet.ioctx().read(&blob.object).unwrap();
+    fleet
+        .ioctx()
+        .write_full(&blob.object, &bytes[..bytes.len() / 2])
+        .unwrap();
+
+    let b = fleet.host("b", &["--host-id", "host-b"]);
+    let on_b = containers(&b);
+    assert!(on_b.contains(&format!("{fine} fine created")), "{on_b:?}");
+    assert!(!on_b.iter().any(|l| l.contains("orphan")), "{on_b:?}");
+    assert_eq!(b.ok(["start", "-a", "fine"]), "fine\n");
+    assert_eq!(b.dockerd().run_sh("busy:1", "echo ran"), "ran\n");
+    let log = b.plugin_log();
+    for named in [&orphan, &future, &bogus_image, &blob.object] {
+        assert!(log.contains(named.as_str()), "b's log names {named}");
+    }
+    let status = b.ok(["info", "--format", "{{json .DriverStatus}}"]);
+    assert!(status.contains("4 skipped"), "{status}");
+}
+
+#[test]
+fn a_second_live_daemon_with_the_same_host_id_is_refused() {
+    let test = "a_second_live_daemon_with_the_same_host_id_is_refused";
+    let Some(fleet) = Fleet::start(test, Path::new(PLUGIN_BIN), &[]) else {
+        return;
+    };
+    let a = fleet.host("a", &["--host-id", "twin"]);
+    let err = match fleet.try_host("b", &["--host-id", "twin"]) {
+        Ok(_) => panic!("a second daemon with host id twin booted"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("host id \"twin\" is in use by another live docker-rbd")
+            || err.contains("host id \\\"twin\\\" is in use by another live docker-rbd"),
+        "{err}"
+    );
+    drop(a);
+}
