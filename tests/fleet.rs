@@ -92,6 +92,15 @@ fn wait_record(
     }
 }
 
+/// The RBD images of the fleet's namespace.
+fn rbd_images(fleet: &Fleet) -> BTreeSet<String> {
+    ceph_client::rbd::list(fleet.ioctx())
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect()
+}
+
 /// Waits until container `name`'s log holds `text`.
 fn wait_logs(h: &FleetHost, name: &str, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -228,6 +237,11 @@ fn containers_and_images_move_between_diskless_hosts() {
             .run_sh("special:1", images::SPECIAL_CHECK_SCRIPT),
         images::SPECIAL_CHECK_EXPECTED
     );
+    // Loading the same image on b re-creates no layer: b has the fleet's.
+    let before = rbd_images(&fleet);
+    let tar = files.path().join("special.tar");
+    b.ok(["load".as_ref(), "-i".as_ref(), tar.as_os_str()]);
+    assert_eq!(rbd_images(&fleet), before, "no RBD layer made for content the fleet has");
     // The tar-split came along: b saves the image byte for byte as a did.
     let saved = files.path().join("special-from-b.tar");
     b.ok([
@@ -329,10 +343,8 @@ fn containers_and_images_move_between_diskless_hosts() {
     assert!(store(&fleet).containers().list().unwrap().is_empty());
     assert!(store(&fleet).docker_images().list().unwrap().is_empty());
     assert!(store(&fleet).docker_layers().list().unwrap().is_empty());
-    let left: Vec<String> = ceph_client::rbd::list(fleet.ioctx())
-        .unwrap()
+    let left: Vec<String> = rbd_images(&fleet)
         .into_iter()
-        .map(|i| i.name)
         .filter(|n| !n.contains(".base."))
         .collect();
     assert!(left.is_empty(), "layers left: {left:?}");
