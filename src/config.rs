@@ -96,6 +96,9 @@ pub struct Settings {
     pub lease_duration: Duration,
     /// `rbd.leaserenew`: how often the lease is renewed.
     pub lease_renew: Duration,
+    /// `rbd.autotakeover`: `Get` of a container whose host died (lease
+    /// lapsed) fences that host and takes the container over.
+    pub auto_takeover: bool,
 }
 
 /// One settings key: its name, its default (as text) and what it means.
@@ -184,6 +187,11 @@ pub const KEYS: &[Key] = &[
         name: "leaserenew",
         default: "5",
         doc: "seconds between lease renewals, at most a third of the duration (`--lease-renew`)",
+    },
+    Key {
+        name: "autotakeover",
+        default: "false",
+        doc: "starting a container whose host died fences that host and takes it over (`--auto-takeover`)",
     },
 ];
 
@@ -413,6 +421,11 @@ impl RawSettings {
         };
         let lease_duration = r.take("leaseduration", "30", seconds);
         let lease_renew = r.take("leaserenew", "5", seconds);
+        let auto_takeover = r.take("autotakeover", "false", |v| match v {
+            "true" | "yes" | "1" => Ok(true),
+            "false" | "no" | "0" => Ok(false),
+            _ => Err(format!("{v:?} is not true or false")),
+        });
         if let (Some(duration), Some(renew)) = (lease_duration, lease_renew)
             && renew * 3 > duration
         {
@@ -436,7 +449,7 @@ impl RawSettings {
             flatten_depth,
             naming,
             connect_timeout,
-            (host_id, lease_duration, lease_renew),
+            (host_id, lease_duration, lease_renew, auto_takeover),
         ) {
             (
                 Some(pool),
@@ -447,7 +460,7 @@ impl RawSettings {
                 Some(flatten_depth),
                 Some(naming),
                 Some(connect_timeout),
-                (Some(host_id), Some(lease_duration), Some(lease_renew)),
+                (Some(host_id), Some(lease_duration), Some(lease_renew), Some(auto_takeover)),
             ) if r.problems.is_empty() => Ok(Settings {
                 ceph,
                 pool,
@@ -461,6 +474,7 @@ impl RawSettings {
                 host_id,
                 lease_duration,
                 lease_renew,
+                auto_takeover,
             }),
             _ => Err(ConfigError::Invalid {
                 problems: r.problems,

@@ -21,6 +21,23 @@ struct Cli {
 enum Command {
     /// Serve the graphdriver plugin for `dockerd --experimental -s rbd`.
     Serve(ServeArgs),
+    /// Take over a container whose host died with it running: fence that
+    /// host (blocklist its clients), break its lock on the container's
+    /// layer, and make this host the container's owner.
+    Takeover(TakeoverArgs),
+}
+
+#[derive(Args)]
+struct TakeoverArgs {
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// Take it over even while the owner's lease is live. DANGEROUS: if
+    /// that host is in fact running the container, it is fenced mid-write
+    /// and the container dies with I/O errors there. See docs/fleet.md.
+    #[arg(long)]
+    force: bool,
+    /// The container: id, unique id prefix, or name.
+    container: String,
 }
 
 /// Ceph and driver settings; each also exists as `--storage-opt rbd.<key>`.
@@ -71,6 +88,9 @@ struct SettingsArgs {
     /// Seconds between lease renewals (rbd.leaserenew).
     #[arg(long = "lease-renew", value_name = "SECONDS")]
     lease_renew: Option<String>,
+    /// Take over containers whose host died when they are started (rbd.autotakeover).
+    #[arg(long = "auto-takeover", value_name = "BOOL")]
+    auto_takeover: Option<String>,
     /// Config file of `key = value` lines, same keys as --storage-opt.
     #[arg(long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -100,6 +120,7 @@ impl SettingsArgs {
             ("hostid", self.host_id.clone()),
             ("leaseduration", self.lease_duration.clone()),
             ("leaserenew", self.lease_renew.clone()),
+            ("autotakeover", self.auto_takeover.clone()),
         ] {
             if let Some(value) = value {
                 flags.set(key, &value, Source::Flag);
@@ -163,6 +184,7 @@ fn main() -> Result<()> {
     init_logging();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Takeover(args) => takeover(args),
     }
 }
 
@@ -173,6 +195,52 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn takeover(args: TakeoverArgs) -> Result<()> {
+    let settings = args
+        .settings
+        .raw()
+        .context("invalid settings")?
+        .resolve()
+        .context("invalid settings")?;
+    let (rados, ioctx) = docker_rbd::engine::connect(&settings)?;
+    let store = metadata::Store::new(ioctx, settings.naming.metadata_prefix());
+    let me = docker_rbd::engine::host_id_of(&settings);
+    if args.force {
+        eprintln!(
+            "WARNING: --force takes the container over even if its host is alive. If that host \
+             runs it, it is fenced mid-write and the container dies there with I/O errors."
+        );
+    }
+    let cluster = docker_rbd::fleet::takeover::Cluster {
+        rados: &rados,
+        store: &store,
+        naming: &settings.naming,
+    };
+    let done = docker_rbd::fleet::takeover::takeover(&cluster, &me, &args.container, args.force)
+        .with_context(|| format!("takeover of container {:?} failed", args.container))?;
+    match &done.from {
+        Some(from) => println!(
+            "took over container {} ({}) from host {from} for host {me}; fenced: {}",
+            done.container,
+            done.name,
+            if done.fenced.is_empty() {
+                "nothing held its lock".to_string()
+            } else {
+                done.fenced.join(", ")
+            }
+        ),
+        None => println!(
+            "container {} ({}) is not in use on another host: nothing to take over",
+            done.container, done.name
+        ),
+    }
+    println!(
+        "start it here with `docker start {}` (restart dockerd first if it does not list it)",
+        done.name
+    );
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> Result<()> {

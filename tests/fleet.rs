@@ -19,12 +19,14 @@ use testkit::images;
 const PLUGIN_BIN: &str = env!("CARGO_BIN_EXE_docker-rbd");
 
 /// The moving container's program: the first run writes 50 MiB and its
-/// checksum (synced); every run checks the checksum, adds a line to a log
+/// checksum (synced: `sync -f`, which syncs this filesystem only; a plain
+/// `sync` would wait on every filesystem of the machine, another host's
+/// frozen one too); every run checks the checksum, adds a line to a log
 /// and prints how many runs the log holds.
 const MOVER: &str = "[ -f /data/sum ] || { mkdir -p /data && \
      dd if=/dev/urandom of=/data/blob bs=1M count=50 conv=fsync 2>/dev/null && \
-     sha256sum /data/blob > /data/sum && sync; }; \
-     sha256sum -c /data/sum && echo run >> /data/log && sync && echo runs=$(wc -l < /data/log)";
+     sha256sum /data/blob > /data/sum && sync -f /data; }; \
+     sha256sum -c /data/sum && echo run >> /data/log && sync -f /data && echo runs=$(wc -l < /data/log)";
 
 fn store(fleet: &Fleet) -> Store {
     Store::new(fleet.ioctx().clone(), "docker-rbd.")
@@ -241,7 +243,11 @@ fn containers_and_images_move_between_diskless_hosts() {
     let before = rbd_images(&fleet);
     let tar = files.path().join("special.tar");
     b.ok(["load".as_ref(), "-i".as_ref(), tar.as_os_str()]);
-    assert_eq!(rbd_images(&fleet), before, "no RBD layer made for content the fleet has");
+    assert_eq!(
+        rbd_images(&fleet),
+        before,
+        "no RBD layer made for content the fleet has"
+    );
     // The tar-split came along: b saves the image byte for byte as a did.
     let saved = files.path().join("special-from-b.tar");
     b.ok([
@@ -482,4 +488,207 @@ fn a_second_live_daemon_with_the_same_host_id_is_refused() {
         "{err}"
     );
     drop(a);
+}
+
+#[test]
+fn a_dead_hosts_container_is_taken_over_and_the_zombie_is_fenced() {
+    let test = "a_dead_hosts_container_is_taken_over_and_the_zombie_is_fenced";
+    // Short leases, so that the test waits seconds, not half a minute.
+    let Some(fleet) = Fleet::start(
+        test,
+        Path::new(PLUGIN_BIN),
+        &["--lease-duration", "6", "--lease-renew", "2"],
+    ) else {
+        return;
+    };
+    let files = testkit::scratch_dir("fleet-files").unwrap();
+    let mut a = fleet.host("a", &["--host-id", "host-a"]);
+    import_busybox(&a, files.path(), "busy:1");
+    // On its first run (host a) the container keeps writing ticks.
+    let script = format!(
+        "{MOVER}; if [ \"$(wc -l < /data/log)\" = 1 ]; then \
+         while :; do echo t >> /data/tick; sync -f /data; sleep 0.2; done & fi; exec sleep 600"
+    );
+    a.ok([
+        "run",
+        "-d",
+        "--name",
+        "writer",
+        "--network",
+        "none",
+        "busy:1",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    wait_logs(&a, "writer", "runs=1");
+    std::thread::sleep(Duration::from_secs(1));
+    let id = container_id(&a, "writer");
+    wait_record(&fleet, &id, Duration::from_secs(10), |r| {
+        r.active_on.as_deref() == Some("host-a")
+    });
+
+    // Host a hangs with the container running.
+    a.freeze();
+    fleet.phase("host a frozen");
+    let mut b = fleet.host("b", &["--host-id", "host-b"]);
+    assert!(
+        !containers(&b).iter().any(|l| l.contains("writer")),
+        "a container in use on a host whose lease is live is not hydrated"
+    );
+    let refused = b.docker_rbd("takeover", &["writer"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "takeover while a's lease is live"
+    );
+    assert!(
+        stderr.contains("in use on host host-a, whose lease is live"),
+        "{stderr}"
+    );
+    // Once the lease lapses, b takes it over: a is fenced.
+    let started = Instant::now();
+    let taken = loop {
+        let out = b.docker_rbd("takeover", &["writer"]);
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "takeover still refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    fleet.phase(&format!(
+        "taken over {:.1}s after the first refusal",
+        started.elapsed().as_secs_f64()
+    ));
+    assert!(
+        taken.contains("from host host-a") && taken.contains("fenced: "),
+        "{taken}"
+    );
+    b.restart_dockerd();
+    b.ok(["start", "writer"]);
+    wait_logs(&b, "writer", "runs=2");
+    assert!(b.ok(["logs", "writer"]).contains("/data/blob: OK"));
+    let ticks = |h: &FleetHost| h.ok(["exec", "writer", "sh", "-c", "wc -l < /data/tick"]);
+    let ticks_at_takeover = ticks(&b);
+    assert!(
+        ticks_at_takeover.trim().parse::<u32>().unwrap() > 0,
+        "a ticked"
+    );
+    b.ok(["stop", "-t", "1", "writer"]);
+
+    // The zombie wakes up and tries to write: nothing reaches the image.
+    a.thaw();
+    let zombie = a.dockerd().docker([
+        "exec",
+        "writer",
+        "sh",
+        "-c",
+        "echo zombie > /data/zombie; sync -f /data",
+    ]);
+    eprintln!(
+        "[{test}] the fenced host's write: {} {}",
+        zombie.status,
+        String::from_utf8_lossy(&zombie.stderr).trim()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    b.ok(["start", "writer"]);
+    wait_logs(&b, "writer", "runs=3");
+    let listing = b.ok(["exec", "writer", "ls", "/data"]);
+    assert!(
+        !listing.contains("zombie"),
+        "the fenced host wrote: {listing}"
+    );
+    assert_eq!(
+        ticks(&b),
+        ticks_at_takeover,
+        "the fenced host's container kept ticking for seconds: none of it landed"
+    );
+    assert!(b.ok(["logs", "writer"]).matches("/data/blob: OK").count() >= 2);
+    b.ok(["stop", "-t", "1", "writer"]);
+    assert!(
+        a.plugin_log().contains("cannot renew the host lease"),
+        "the fenced host noticed"
+    );
+    a.crash();
+    b.ok(["rm", "writer"]);
+}
+
+#[test]
+fn one_host_at_a_time_runs_a_container_even_when_two_race_to_start_it() {
+    let test = "one_host_at_a_time_runs_a_container_even_when_two_race_to_start_it";
+    let Some(fleet) = Fleet::start(test, Path::new(PLUGIN_BIN), &[]) else {
+        return;
+    };
+    let files = testkit::scratch_dir("fleet-files").unwrap();
+    let a = fleet.host("a", &["--host-id", "host-a"]);
+    import_busybox(&a, files.path(), "busy:1");
+    a.ok([
+        "create",
+        "--name",
+        "solo",
+        "--network",
+        "none",
+        "busy:1",
+        "sleep",
+        "600",
+    ]);
+    let id = container_id(&a, "solo");
+    wait_record(&fleet, &id, Duration::from_secs(10), |_| true);
+    let b = fleet.host("b", &["--host-id", "host-b"]);
+
+    // While a runs it, b's start fails fast, naming a.
+    a.ok(["start", "solo"]);
+    let started = Instant::now();
+    let err = b.fails(["start", "solo"]);
+    let took = started.elapsed();
+    assert!(err.contains("is in use on host host-a"), "{err}");
+    assert!(took < Duration::from_secs(2), "refused in {took:?}");
+    eprintln!(
+        "[{test}] b's start refused in {} ms: {}",
+        took.as_millis(),
+        err.trim()
+    );
+    a.ok(["stop", "-t", "0", "solo"]);
+    b.ok(["start", "solo"]);
+    b.ok(["stop", "-t", "0", "solo"]);
+
+    let rounds = 100;
+    let (mut won_a, mut won_b) = (0, 0);
+    for round in 0..rounds {
+        let (ra, rb) = std::thread::scope(|s| {
+            let ta = s.spawn(|| a.dockerd().docker(["start", "solo"]));
+            let tb = s.spawn(|| b.dockerd().docker(["start", "solo"]));
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        let (oka, okb) = (ra.status.success(), rb.status.success());
+        let why = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).trim().to_string();
+        assert!(
+            oka != okb,
+            "round {round}: a {}: {}; b {}: {}",
+            oka,
+            why(&ra),
+            okb,
+            why(&rb)
+        );
+        let (winner, loser, loser_out, other) = if oka {
+            won_a += 1;
+            (&a, "b", &rb, "host-a")
+        } else {
+            won_b += 1;
+            (&b, "a", &ra, "host-b")
+        };
+        assert!(
+            why(loser_out).contains(&format!("is in use on host {other}")),
+            "round {round}: {loser} failed for another reason: {}",
+            why(loser_out)
+        );
+        winner.ok(["stop", "-t", "0", "solo"]);
+    }
+    eprintln!("[{test}] {rounds} races: a won {won_a}, b won {won_b}, never both, never neither");
+    a.ok(["rm", "solo"]);
+    b.ok(["rm", "solo"]);
 }

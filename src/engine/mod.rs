@@ -236,29 +236,7 @@ impl Engine {
     /// mapper (the default is found next to the running executable).
     pub fn open_with(settings: Settings, home: &Path, fuse_helper: HelperCommand) -> Result<Self> {
         std::fs::create_dir_all(home).map_err(io("create", home))?;
-        let rados = Rados::connect(&ConnectConfig {
-            conf: settings.ceph.conf.clone(),
-            id: settings.ceph.id.clone(),
-            keyring: settings.ceph.keyring.clone(),
-            cluster: settings.ceph.cluster.clone(),
-            // The connect timeout bounds reaching the cluster; single OSD
-            // operations (a flatten is many) get longer before failing.
-            options: vec![(
-                "rados_osd_op_timeout".to_string(),
-                OSD_OP_TIMEOUT_SECS.to_string(),
-            )],
-            timeout: settings.connect_timeout,
-        })
-        .map_err(connect_err(&settings.pool))?;
-        let namespace = (!settings.namespace.is_empty()).then_some(settings.namespace.as_str());
-        if let Some(ns) = namespace {
-            ensure_namespace(&rados, &settings.pool, ns)?;
-        }
-        let ioctx = Arc::new(
-            rados
-                .ioctx(&settings.pool, namespace)
-                .map_err(connect_err(&settings.pool))?,
-        );
+        let (rados, ioctx) = connect(&settings)?;
         let store = metadata::Store::new(ioctx.clone(), settings.naming.metadata_prefix());
         let mut mapper_config = MapperConfig::new(settings.ceph.clone());
         mapper_config.fuse.run_dir = home.join("fuse");
@@ -267,10 +245,7 @@ impl Engine {
         let mapper = Mapper::probe(settings.mapper, &mapper_config)
             .map_err(mapper_err("choosing the block-device mapper", ""))?;
         let local = LocalState::open(&home.join("state.redb"))?;
-        let host_id = match &settings.host_id {
-            Some(id) => id.clone(),
-            None => default_host_id(),
-        };
+        let host_id = host_id_of(&settings);
         let client_addr = rados.client_addr().unwrap_or_default();
         let lease = lease::HostLease::acquire(lease::LeaseRequest {
             store: &store,
@@ -355,6 +330,36 @@ impl Engine {
     }
 }
 
+/// Connects to the cluster of `settings` and opens its pool and namespace
+/// (registering the namespace with RBD if this is the fleet's first
+/// host), within `rbd.connecttimeout`.
+pub fn connect(settings: &Settings) -> Result<(Rados, Arc<IoCtx>)> {
+    let rados = Rados::connect(&ConnectConfig {
+        conf: settings.ceph.conf.clone(),
+        id: settings.ceph.id.clone(),
+        keyring: settings.ceph.keyring.clone(),
+        cluster: settings.ceph.cluster.clone(),
+        // The connect timeout bounds reaching the cluster; single OSD
+        // operations (a flatten is many) get longer before failing.
+        options: vec![(
+            "rados_osd_op_timeout".to_string(),
+            OSD_OP_TIMEOUT_SECS.to_string(),
+        )],
+        timeout: settings.connect_timeout,
+    })
+    .map_err(connect_err(&settings.pool))?;
+    let namespace = (!settings.namespace.is_empty()).then_some(settings.namespace.as_str());
+    if let Some(ns) = namespace {
+        ensure_namespace(&rados, &settings.pool, ns)?;
+    }
+    let ioctx = Arc::new(
+        rados
+            .ioctx(&settings.pool, namespace)
+            .map_err(connect_err(&settings.pool))?,
+    );
+    Ok((rados, ioctx))
+}
+
 /// RBD keeps images of a RADOS namespace only once the namespace is
 /// registered in the pool (`rbd namespace create`); the first daemon of a
 /// fleet registers it.
@@ -375,9 +380,12 @@ fn ensure_namespace(rados: &Rados, pool: &str, namespace: &str) -> Result<()> {
     }
 }
 
-/// This host's id when `rbd.hostid` is not set: `/etc/machine-id`, else
-/// the host name ([`crate::names::default_host_id`]).
-fn default_host_id() -> String {
+/// This host's id: `rbd.hostid`, else `/etc/machine-id`, else the host
+/// name ([`crate::names::default_host_id`]).
+pub fn host_id_of(settings: &Settings) -> String {
+    if let Some(id) = &settings.host_id {
+        return id.clone();
+    }
     let machine_id = std::fs::read_to_string("/etc/machine-id").ok();
     let hostname = nix::unistd::gethostname()
         .ok()

@@ -139,6 +139,10 @@ impl Engine {
             rec.image.clone(),
         );
         request.read_only = rec.sealed;
+        // A container's writable layer has one writer in the fleet: its
+        // mapping holds the image's exclusive lock, without the automatic
+        // hand-over librbd would otherwise grant another writer.
+        request.exclusive = !rec.sealed && rec.kind == metadata::LayerKind::ReadWrite;
         let mapped = match self.mapper.map(&request) {
             Ok(mapped) => mapped,
             Err(source) => {

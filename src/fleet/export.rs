@@ -407,12 +407,21 @@ fn container_record(
         mount_id: c.mount_id.clone(),
         init_id: c.init_id.clone(),
         parent: c.parent.clone(),
-        state: if summary.running {
-            ContainerState::Running
-        } else {
-            ContainerState::Stopped
+        // Who uses the container is `Get`'s, `Put`'s and a takeover's to
+        // say: an export never changes it, lest a stale local file undo
+        // another host's claim.
+        state: current.map_or(
+            if summary.running {
+                ContainerState::Running
+            } else {
+                ContainerState::Stopped
+            },
+            |r| r.state,
+        ),
+        active_on: match current {
+            Some(r) => r.active_on.clone(),
+            None => summary.running.then(|| me.to_string()),
         },
-        active_on: summary.running.then(|| me.to_string()),
         ran_on,
         started_at: summary.started_at.clone(),
         docker_root: root.to_string(),

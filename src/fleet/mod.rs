@@ -34,6 +34,7 @@
 pub mod dockerfs;
 pub mod export;
 pub mod hydrate;
+pub mod takeover;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -84,6 +85,61 @@ pub enum FleetError {
     Home {
         /// The Home.
         home: PathBuf,
+    },
+    /// No fleet container has that id, id prefix or name.
+    #[error("no container {reference:?} in the fleet (by id, id prefix or name)")]
+    NoSuchContainer {
+        /// What was asked for.
+        reference: String,
+    },
+    /// More than one container matches.
+    #[error("{reference:?} names several containers: {}", .candidates.join(", "))]
+    AmbiguousContainer {
+        /// What was asked for.
+        reference: String,
+        /// The ids it matches.
+        candidates: Vec<String>,
+    },
+    /// A takeover was refused: the owner is alive.
+    #[error(
+        "container {container} ({name}) is in use on host {host}, whose lease is live{}: \
+         stop it there, or wait until the lease lapses (--force only if you know host {host} is down)",
+        .lapses_in.map(|s| format!(" (it lapses in about {s} s unless renewed)")).unwrap_or_default()
+    )]
+    OwnerAlive {
+        /// The container id.
+        container: String,
+        /// Its name.
+        name: String,
+        /// The owning host.
+        host: String,
+        /// Seconds until its lease lapses, if known.
+        lapses_in: Option<u64>,
+    },
+    /// The container's host died with it in use.
+    #[error(
+        "container {container} ({name}) was in use on host {host}, whose lease has lapsed: \
+         run `docker-rbd takeover {name}` on this host to fence {host} and take it over \
+         (or set rbd.autotakeover=true)"
+    )]
+    OwnerDead {
+        /// The container id.
+        container: String,
+        /// Its name.
+        name: String,
+        /// The dead host.
+        host: String,
+    },
+    /// Fencing the old owner failed.
+    #[error("fencing the owner of container {container}: {what}")]
+    Fence {
+        /// The container id.
+        container: String,
+        /// The step that failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<ceph_client::Error>,
     },
     /// Another live host has the container in use.
     #[error(
@@ -248,13 +304,30 @@ impl Fleet {
             let rec = &current.value;
             if let Some(host) = &rec.active_on
                 && *host != me
-                && self.inner.engine.host_is_live(host)?
             {
-                return Err(FleetError::Busy {
-                    container,
-                    name: rec.name.trim_start_matches('/').to_string(),
-                    host: host.clone(),
-                });
+                let name = rec.name.trim_start_matches('/').to_string();
+                if self.inner.engine.host_is_live(host)? {
+                    return Err(FleetError::Busy {
+                        container,
+                        name,
+                        host: host.clone(),
+                    });
+                }
+                if !self.inner.engine.settings().auto_takeover {
+                    return Err(FleetError::OwnerDead {
+                        container,
+                        name,
+                        host: host.clone(),
+                    });
+                }
+                let engine = &self.inner.engine;
+                let cluster = takeover::Cluster {
+                    rados: engine.rados(),
+                    store: engine.store(),
+                    naming: &engine.settings().naming,
+                };
+                let fenced = takeover::fence(&cluster, &container, rec, Some(host))?;
+                tracing::warn!(%container, %name, from = %host, ?fenced, "took over a container whose host died (rbd.autotakeover)");
             }
             let mut next = rec.clone();
             next.state = ContainerState::Running;

@@ -125,25 +125,27 @@ impl Fleet {
     pub fn try_host(&self, name: &str, flags: &[&str]) -> Result<FleetHost, String> {
         let host = Host::new(name)?;
         let run_dir = crate::scratch_dir(&format!("fleet-{name}-run"))?;
-        let mut args: Vec<OsString> =
-            vec!["serve".into(), "-c".into(), self.ceph.conf.clone().into()];
+        // The settings every docker-rbd command of this host takes.
+        let mut settings: Vec<OsString> = vec!["-c".into(), self.ceph.conf.clone().into()];
         for (flag, value) in [
             ("--id", self.ceph.id.as_str()),
             ("-p", self.ceph.pool.as_str()),
             ("--namespace", self.namespace.as_str()),
             ("--mapper", "fuse"),
             ("--basesize", "1G"),
-            ("--name", self.plugin_name.as_str()),
         ] {
-            args.push(flag.into());
-            args.push(value.into());
+            settings.push(flag.into());
+            settings.push(value.into());
         }
-        args.push("-k".into());
-        args.push(self.ceph.keyring.clone().into());
+        settings.push("-k".into());
+        settings.push(self.ceph.keyring.clone().into());
+        settings.extend(self.flags.iter().map(OsString::from));
+        settings.extend(flags.iter().map(OsString::from));
+        let mut args: Vec<OsString> = vec!["serve".into()];
+        args.extend(settings.iter().cloned());
+        args.extend(["--name".into(), self.plugin_name.clone().into()]);
         args.push("--run-dir".into());
         args.push(run_dir.path().into());
-        args.extend(self.flags.iter().map(OsString::from));
-        args.extend(flags.iter().map(OsString::from));
         let mut cfg = DockerdConfig::new(&self.plugin_name).in_host(&host);
         cfg.name = format!("fleet-{name}");
         let mut h = FleetHost {
@@ -151,6 +153,7 @@ impl Fleet {
             name: name.to_string(),
             bin: self.plugin_bin.clone(),
             args,
+            settings,
             host,
             run_dir,
             plugin: None,
@@ -180,6 +183,7 @@ pub struct FleetHost {
     name: String,
     bin: PathBuf,
     args: Vec<OsString>,
+    settings: Vec<OsString>,
     host: Host,
     run_dir: tempfile::TempDir,
     plugin: Option<Daemon>,
@@ -377,6 +381,47 @@ impl FleetHost {
             String::from_utf8_lossy(&out.stdout)
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Runs `docker-rbd <command> <this host's settings flags> <args>`
+    /// inside the host (e.g. `takeover`), bounded by two minutes.
+    pub fn docker_rbd(&self, command: &str, args: &[&str]) -> std::process::Output {
+        let mut cmd = self.host.command(&self.bin);
+        cmd.arg(command)
+            .args(&self.settings)
+            .args(args)
+            .env("NO_COLOR", "1");
+        crate::process::run_with_timeout(cmd, None, Duration::from_secs(120)).unwrap_or_else(|e| {
+            panic!(
+                "[{}] host {}: docker-rbd {command}: {e}",
+                self.test, self.name
+            )
+        })
+    }
+
+    /// Freezes the host's docker-rbd: SIGSTOP to the plugin daemon and
+    /// its FUSE servers, as a host that hangs (or is cut off) would.
+    pub fn freeze(&self) {
+        self.signal_driver(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Resumes what [`FleetHost::freeze`] stopped.
+    pub fn thaw(&self) {
+        self.signal_driver(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal_driver(&self, sig: nix::sys::signal::Signal) {
+        let pids = self
+            .plugin
+            .as_ref()
+            .and_then(Daemon::pid)
+            .into_iter()
+            .chain(crate::driver::fuse_servers_under(&self.driver_home()));
+        for pid in pids {
+            if let Err(e) = crate::process::signal(pid, sig) {
+                eprintln!("[{}] host {}: {sig} to {pid}: {e}", self.test, self.name);
+            }
+        }
     }
 
     /// The run directory given to `docker-rbd serve --run-dir`.
