@@ -225,17 +225,7 @@ impl Inner {
             counts.writes += 1;
             synced.images.insert(id.clone(), meta);
         }
-        let gone: Vec<String> = synced
-            .images
-            .keys()
-            .filter(|id| !local.contains_key(*id))
-            .cloned()
-            .collect();
-        for id in gone {
-            drop_holder(&table, &id, &me)?;
-            counts.writes += 1;
-            synced.images.remove(&id);
-        }
+        counts.writes += drop_gone(&table, &mut synced.images, &local, &me)?;
         Ok(())
     }
 
@@ -266,17 +256,7 @@ impl Inner {
             counts.writes += 1;
             synced.tags.insert(reference.clone(), image.clone());
         }
-        let gone: Vec<String> = synced
-            .tags
-            .keys()
-            .filter(|r| !local.contains_key(*r))
-            .cloned()
-            .collect();
-        for reference in gone {
-            drop_holder(&table, &reference, &me)?;
-            counts.writes += 1;
-            synced.tags.remove(&reference);
-        }
+        counts.writes += drop_gone(&table, &mut synced.tags, &local, &me)?;
         Ok(())
     }
 
@@ -448,6 +428,29 @@ where
         })?
         .unwrap_or_else(|never| match never {});
     Ok(())
+}
+
+/// Drops `me` from the holders of every key of `synced` that `local` no
+/// longer has, and forgets those keys. Returns how many there were.
+fn drop_gone<T, V, L>(
+    table: &metadata::Table<T>,
+    synced: &mut BTreeMap<String, V>,
+    local: &BTreeMap<String, L>,
+    me: &str,
+) -> Result<usize, FleetError>
+where
+    T: metadata::Record + Holders,
+{
+    let gone: Vec<String> = synced
+        .keys()
+        .filter(|k| !local.contains_key(*k))
+        .cloned()
+        .collect();
+    for key in &gone {
+        drop_holder(table, key, me)?;
+        synced.remove(key);
+    }
+    Ok(gone.len())
 }
 
 /// Records with a holder set.
