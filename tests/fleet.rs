@@ -18,6 +18,11 @@ use testkit::images;
 
 const PLUGIN_BIN: &str = env!("CARGO_BIN_EXE_docker-rbd");
 
+/// How long a test waits for the fleet to show a change. Exports land in
+/// milliseconds (the tests print the figures); the bound is generous
+/// because CI machines are slow and run several fleets at once.
+const RECORD_WAIT: Duration = Duration::from_secs(60);
+
 /// The moving container's program: the first run writes 50 MiB and its
 /// checksum (synced: `sync -f`, which syncs this filesystem only; a plain
 /// `sync` would wait on every filesystem of the machine, another host's
@@ -73,6 +78,7 @@ fn import_busybox(h: &FleetHost, dir: &Path, tag: &str) {
 
 /// Waits until `check` holds for container `id`'s fleet record; returns how
 /// long that took.
+#[track_caller]
 fn wait_record(
     fleet: &Fleet,
     id: &str,
@@ -81,16 +87,43 @@ fn wait_record(
 ) -> Duration {
     let started = Instant::now();
     loop {
-        if let Some(r) = store(fleet).containers().get(id).unwrap()
+        let last = store(fleet).containers().get(id).unwrap();
+        if let Some(r) = &last
             && check(&r.value)
         {
             return started.elapsed();
         }
         assert!(
             started.elapsed() < timeout,
-            "container {id}: the fleet record did not get there within {timeout:?}"
+            "container {id}: the fleet record did not get there within {timeout:?}; it is {:?}",
+            last.map(|r| (
+                config_running(&r.value),
+                r.value.state,
+                r.value.active_on,
+                r.value.exported_by
+            ))
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until host `host` no longer holds tag `reference` in the fleet:
+/// its plugin has seen the `rmi` and dropped what it no longer has.
+fn wait_tag_released(fleet: &Fleet, reference: &str, host: &str) {
+    let deadline = Instant::now() + RECORD_WAIT;
+    loop {
+        let tags = store(fleet).docker_tags().list().unwrap();
+        let held = tags.iter().any(|(key, r)| {
+            key.ends_with(reference) && r.as_ref().is_ok_and(|r| r.value.holders.contains(host))
+        });
+        if !held {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{host} still holds {reference} in the fleet"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -175,16 +208,14 @@ fn containers_and_images_move_between_diskless_hosts() {
         "600",
     ]);
     let sleeper = container_id(&a, "sleeper");
-    wait_record(&fleet, &sleeper, Duration::from_secs(10), |r| {
+    wait_record(&fleet, &sleeper, RECORD_WAIT, |r| {
         r.state == ContainerState::Running && config_running(r)
     });
     a.ok(["stop", "-t", "1", "sleeper"]);
-    let state_after = wait_record(&fleet, &sleeper, Duration::from_secs(5), |r| {
+    let state_after = wait_record(&fleet, &sleeper, RECORD_WAIT, |r| {
         r.state == ContainerState::Stopped && r.active_on.is_none()
     });
-    let config_after = wait_record(&fleet, &sleeper, Duration::from_secs(5), |r| {
-        !config_running(r)
-    });
+    let config_after = wait_record(&fleet, &sleeper, RECORD_WAIT, |r| !config_running(r));
     eprintln!(
         "[{test}] after `docker stop` returned: recorded stopped in {} ms, final config.v2.json exported in {} ms",
         state_after.as_millis(),
@@ -206,7 +237,7 @@ fn containers_and_images_move_between_diskless_hosts() {
         "600",
     ]);
     let keeper = container_id(&a, "keeper");
-    wait_record(&fleet, &keeper, Duration::from_secs(10), |r| {
+    wait_record(&fleet, &keeper, RECORD_WAIT, |r| {
         r.state == ContainerState::Running
     });
     fleet.phase("host a has images and containers");
@@ -263,7 +294,7 @@ fn containers_and_images_move_between_diskless_hosts() {
     // B runs it again and stops; A, restarted, starts it with B's writes.
     let out = b.ok(["start", "-a", "mover"]);
     assert!(out.contains("runs=3"), "{out}");
-    wait_record(&fleet, &mover, Duration::from_secs(5), |r| {
+    wait_record(&fleet, &mover, RECORD_WAIT, |r| {
         r.exported_by == "host-b" && r.state == ContainerState::Stopped
     });
     a.restart_dockerd();
@@ -281,7 +312,7 @@ fn containers_and_images_move_between_diskless_hosts() {
 
     // rmi -f on A takes nothing from B.
     a.ok(["rmi", "-f", "busy:1"]);
-    std::thread::sleep(Duration::from_secs(3));
+    wait_tag_released(&fleet, "busy:1", "host-a");
     let out = b.ok(["start", "-a", "mover"]);
     assert!(out.contains("runs=5"), "{out}");
     assert_eq!(b.dockerd().run_sh("busy:1", "echo ran"), "ran\n");
@@ -318,7 +349,7 @@ fn containers_and_images_move_between_diskless_hosts() {
     let dup_a = container_id(&a, "dup");
     let dup_b = container_id(&b, "dup");
     for id in [&late, &dup_a, &dup_b] {
-        wait_record(&fleet, id, Duration::from_secs(10), |_| true);
+        wait_record(&fleet, id, RECORD_WAIT, |_| true);
     }
     let c = fleet.host("c", &["--host-id", "host-c"]);
     fleet.phase("host c up");
@@ -342,7 +373,7 @@ fn containers_and_images_move_between_diskless_hosts() {
     for h in [&a, &b, &c] {
         clear(h);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + RECORD_WAIT;
     while !store(&fleet).containers().list().unwrap().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -417,7 +448,7 @@ fn broken_fleet_records_are_skipped_and_named() {
         "fine",
     ]);
     let fine = container_id(&a, "fine");
-    let rec = wait_record(&fleet, &fine, Duration::from_secs(10), |_| true);
+    let rec = wait_record(&fleet, &fine, RECORD_WAIT, |_| true);
     let _ = rec;
     let store = store(&fleet);
     let good = store.containers().get(&fine).unwrap().unwrap().value;
@@ -524,7 +555,7 @@ fn a_dead_hosts_container_is_taken_over_and_the_zombie_is_fenced() {
     wait_logs(&a, "writer", "runs=1");
     std::thread::sleep(Duration::from_secs(1));
     let id = container_id(&a, "writer");
-    wait_record(&fleet, &id, Duration::from_secs(10), |r| {
+    wait_record(&fleet, &id, RECORD_WAIT, |r| {
         r.active_on.as_deref() == Some("host-a")
     });
 
@@ -554,7 +585,7 @@ fn a_dead_hosts_container_is_taken_over_and_the_zombie_is_fenced() {
             break String::from_utf8_lossy(&out.stdout).into_owned();
         }
         assert!(
-            started.elapsed() < Duration::from_secs(30),
+            started.elapsed() < RECORD_WAIT,
             "takeover still refused: {}",
             String::from_utf8_lossy(&out.stderr)
         );
@@ -637,7 +668,7 @@ fn one_host_at_a_time_runs_a_container_even_when_two_race_to_start_it() {
         "600",
     ]);
     let id = container_id(&a, "solo");
-    wait_record(&fleet, &id, Duration::from_secs(10), |_| true);
+    wait_record(&fleet, &id, RECORD_WAIT, |_| true);
     let b = fleet.host("b", &["--host-id", "host-b"]);
 
     // While a runs it, b's start fails fast, naming a.

@@ -117,8 +117,6 @@ pub struct ConfigSummary {
     pub name: String,
     /// `Driver`.
     pub driver: String,
-    /// `State.Running` (or paused or restarting).
-    pub running: bool,
     /// `State.StartedAt`.
     pub started_at: String,
 }
@@ -132,11 +130,9 @@ pub fn summarize(config: &str) -> Result<ConfigSummary, serde_json::Error> {
             .unwrap_or("")
             .to_string()
     };
-    let flag = |p: &str| v.pointer(p).and_then(Value::as_bool).unwrap_or(false);
     Ok(ConfigSummary {
         name: text("/Name"),
         driver: text("/Driver"),
-        running: flag("/State/Running") || flag("/State/Paused") || flag("/State/Restarting"),
         started_at: text("/State/StartedAt"),
     })
 }
@@ -634,12 +630,12 @@ mod tests {
     #[test]
     fn summary_of_a_config() {
         let s = summarize(
-            r#"{"Name":"/web","Driver":"rbd","State":{"Running":false,"Restarting":true,"StartedAt":"2026-01-01T00:00:00Z"}}"#,
+            r#"{"Name":"/web","Driver":"rbd","State":{"Running":true,"StartedAt":"2026-01-01T00:00:00Z"}}"#,
         )
         .unwrap();
         assert_eq!(s.name, "/web");
         assert_eq!(s.driver, "rbd");
-        assert!(s.running, "a restarting container counts as running");
+        assert_eq!(s.started_at, "2026-01-01T00:00:00Z");
         assert!(summarize("{not json").is_err());
     }
 

@@ -285,6 +285,8 @@ impl Inner {
                 }
             };
             let root = self.root.root().display().to_string();
+            let in_use_here =
+                synced.in_use.contains(id) || self.engine.mount_record(&c.mount_id)?.is_some();
             let mut conflict = None;
             let written = table.update(id, |r| {
                 let newer_start = r.is_none_or(|r| {
@@ -298,13 +300,13 @@ impl Inner {
                     return Err(r.generation);
                 }
                 Ok(Some(container_record(
-                    id,
                     c,
                     &summary,
                     r,
                     &me,
                     &root,
                     newer_start,
+                    in_use_here,
                 )))
             })?;
             match written {
@@ -365,14 +367,18 @@ impl Inner {
     }
 }
 
+/// The record of local container `c`. `in_use_here`: whether this host
+/// has its read-write layer claimed or mounted; it decides who uses the
+/// container only in a first record, and an existing record keeps the
+/// claim `Get`, `Put` and takeovers recorded.
 fn container_record(
-    _id: &str,
     c: &LocalContainer,
     summary: &super::dockerfs::ConfigSummary,
     current: Option<&ContainerRecord>,
     me: &str,
     root: &str,
     newer_start: bool,
+    in_use_here: bool,
 ) -> ContainerRecord {
     let mut holders = current.map(|r| r.holders.clone()).unwrap_or_default();
     holders.insert(me.to_string());
@@ -391,7 +397,7 @@ fn container_record(
         // say: an export never changes it, lest a stale local file undo
         // another host's claim.
         state: current.map_or(
-            if summary.running {
+            if in_use_here {
                 ContainerState::Running
             } else {
                 ContainerState::Stopped
@@ -400,7 +406,7 @@ fn container_record(
         ),
         active_on: match current {
             Some(r) => r.active_on.clone(),
-            None => summary.running.then(|| me.to_string()),
+            None => in_use_here.then(|| me.to_string()),
         },
         ran_on,
         started_at: summary.started_at.clone(),

@@ -184,6 +184,13 @@ pub(crate) struct Synced {
     containers: BTreeMap<String, LedgerEntry>,
     /// Read-write layer (mount id) to container id.
     mounts: BTreeMap<String, String>,
+    /// Containers between `before_get` and `after_put` here. The first
+    /// export of a container that has no record yet takes `Running` and
+    /// `active_on` from this (and the engine's mounts), not from
+    /// config.v2.json, which dockerd writes after `Get`: a record made
+    /// between the two would otherwise say stopped for as long as the
+    /// container runs.
+    in_use: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -243,6 +250,7 @@ impl Fleet {
             )?,
             containers: read_ledger(&ledger)?,
             mounts: BTreeMap::new(),
+            in_use: BTreeSet::new(),
         };
         let inner = Arc::new(Inner {
             engine,
@@ -299,6 +307,13 @@ impl Fleet {
         let table = self.inner.engine.store().containers();
         for _ in 0..8 {
             let Some(current) = table.get(&container)? else {
+                // Not exported yet. Under the export's lock, so that the
+                // pass that makes the record sees the claim.
+                let mut synced = self.inner.lock_synced();
+                if table.get(&container)?.is_some() {
+                    continue;
+                }
+                synced.in_use.insert(container);
                 return Ok(());
             };
             let rec = &current.value;
@@ -334,7 +349,10 @@ impl Fleet {
             next.active_on = Some(me.clone());
             next.updated_at = crate::engine::now();
             match table.replace(&container, &current, &next) {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.inner.lock_synced().in_use.insert(container);
+                    return Ok(());
+                }
                 Err(metadata::Error::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -355,6 +373,10 @@ impl Fleet {
         }
         if let Some(container) = self.inner.container_of(layer)? {
             let me = self.inner.engine.host_id().to_string();
+            // Under the export's lock: a pass either made the record
+            // before (and this marks it stopped) or makes it after.
+            let mut synced = self.inner.lock_synced();
+            synced.in_use.remove(&container);
             self.inner
                 .engine
                 .store()
