@@ -639,12 +639,46 @@ fn a_dead_hosts_container_is_taken_over_and_the_zombie_is_fenced() {
         "the fenced host's container kept ticking for seconds: none of it landed"
     );
     assert!(b.ok(["logs", "writer"]).matches("/data/blob: OK").count() >= 2);
-    b.ok(["stop", "-t", "1", "writer"]);
     assert!(
-        a.plugin_log().contains("cannot renew the host lease"),
-        "the fenced host noticed"
+        a.plugin_log().contains("this docker-rbd was fenced"),
+        "the fenced host noticed, and says why"
     );
+    let fuse_logs = a.fuse_server_logs();
+    assert!(
+        fuse_logs.contains("this client is blocklisted"),
+        "the fenced host's FUSE server says why it no longer serves the layer: {fuse_logs}"
+    );
+
+    // A reboots while b runs the container: it connects with a new client,
+    // and leaves b's container alone.
     a.crash();
+    a.start_again();
+    fleet.phase("host a rebooted");
+    let err = a.fails(["start", "writer"]);
+    assert!(err.contains("is in use on host host-b"), "{err}");
+    assert_eq!(
+        b.ok(["inspect", "-f", "{{.State.Running}}", "writer"])
+            .trim(),
+        "true"
+    );
+    b.ok([
+        "exec",
+        "writer",
+        "sh",
+        "-c",
+        "echo after > /data/after && sync -f /data && sha256sum -c /data/sum",
+    ]);
+    wait_record(&fleet, &id, RECORD_WAIT, |r| {
+        r.active_on.as_deref() == Some("host-b")
+    });
+    // Once b stops it, a may run it again, with all of b's writes.
+    b.ok(["stop", "-t", "1", "writer"]);
+    a.ok(["start", "writer"]);
+    wait_logs(&a, "writer", "runs=4");
+    let listing = a.ok(["exec", "writer", "ls", "/data"]);
+    assert!(listing.contains("after"), "a sees b's write: {listing}");
+    a.ok(["stop", "-t", "1", "writer"]);
+    a.ok(["rm", "writer"]);
     b.ok(["rm", "writer"]);
 }
 
@@ -722,4 +756,128 @@ fn one_host_at_a_time_runs_a_container_even_when_two_race_to_start_it() {
     eprintln!("[{test}] {rounds} races: a won {won_a}, b won {won_b}, never both, never neither");
     a.ok(["rm", "solo"]);
     b.ok(["rm", "solo"]);
+}
+
+#[test]
+fn bad_ownership_states_have_defined_outcomes() {
+    let test = "bad_ownership_states_have_defined_outcomes";
+    let Some(fleet) = Fleet::start(
+        test,
+        Path::new(PLUGIN_BIN),
+        &["--lease-duration", "6", "--lease-renew", "2"],
+    ) else {
+        return;
+    };
+    let files = testkit::scratch_dir("fleet-files").unwrap();
+    let a = fleet.host("a", &["--host-id", "host-a"]);
+    import_busybox(&a, files.path(), "busy:1");
+    a.ok([
+        "create",
+        "--name",
+        "odd",
+        "--network",
+        "none",
+        "busy:1",
+        "echo",
+        "ran",
+    ]);
+    let odd = container_id(&a, "odd");
+    wait_record(&fleet, &odd, RECORD_WAIT, |_| true);
+
+    // 1. The record names a host the fleet has no record of: treated as a
+    // dead owner, named as unknown; a takeover fences whoever holds the
+    // layer's lock (nobody here) and takes it.
+    store(&fleet)
+        .containers()
+        .modify(&odd, |r| {
+            r.active_on = Some("ghost".into());
+            r.state = ContainerState::Running;
+        })
+        .unwrap();
+    let err = a.fails(["start", "odd"]);
+    assert!(
+        err.contains("in use on host ghost, which has no host record in the fleet"),
+        "{err}"
+    );
+    let out = a.docker_rbd("takeover", &["odd"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("from host ghost"),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(a.ok(["start", "-a", "odd"]), "ran\n");
+
+    // 2. The layer's exclusive lock is held by a client that no host
+    // claims (an `rbd` tool, a leftover mapping): `Get` fails, naming the
+    // holder, and takes nothing from it; once it lets go, the start works.
+    let image = rbd_images(&fleet)
+        .into_iter()
+        .find(|n| {
+            let mount = store(&fleet).containers().get(&odd).unwrap().unwrap();
+            n.ends_with(&format!("layer.{}", mount.value.mount_id))
+        })
+        .expect("the container's layer image");
+    let stray = ceph_client::rbd::Image::open(fleet.ioctx(), &image, None).unwrap();
+    stray.lock_acquire_exclusive().unwrap();
+    let started = Instant::now();
+    let err = a.fails(["start", "odd"]);
+    eprintln!(
+        "[{test}] start under a stray lock refused in {} ms: {}",
+        started.elapsed().as_millis(),
+        err.trim()
+    );
+    assert!(err.contains("exclusive lock"), "{err}");
+    assert!(
+        stray.lock_owners().unwrap().len() == 1,
+        "the stray client keeps its lock"
+    );
+    drop(stray);
+    assert_eq!(a.ok(["start", "-a", "odd"]), "ran\n");
+    wait_record(&fleet, &odd, RECORD_WAIT, |r| r.active_on.is_none());
+
+    // 3. A host whose lease lapses while it is alive (frozen longer than
+    // the lease) and then renews late keeps what it runs, if nobody took
+    // it over meanwhile (when somebody did, it is fenced: the takeover
+    // test), and says so.
+    a.ok([
+        "run",
+        "-d",
+        "--name",
+        "steady",
+        "--network",
+        "none",
+        "busy:1",
+        "sleep",
+        "600",
+    ]);
+    let steady = container_id(&a, "steady");
+    wait_record(&fleet, &steady, RECORD_WAIT, |r| {
+        r.active_on.as_deref() == Some("host-a")
+    });
+    let b = fleet.host("b", &["--host-id", "host-b"]);
+    a.freeze();
+    std::thread::sleep(Duration::from_secs(9));
+    a.thaw();
+    let deadline = Instant::now() + RECORD_WAIT;
+    while !a.plugin_log().contains("the host lease had lapsed") {
+        assert!(Instant::now() < deadline, "a did not say its lease lapsed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.ok([
+        "exec",
+        "steady",
+        "sh",
+        "-c",
+        "echo still > /still && sync -f /",
+    ]);
+    let refused = b.docker_rbd("takeover", &["steady"]);
+    assert!(!refused.status.success(), "a renewed: no takeover");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("whose lease is live"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    a.ok(["rm", "-f", "steady", "odd"]);
+    drop(b);
 }

@@ -152,6 +152,13 @@ impl Error {
         self.errno() == Some(libc::ETIMEDOUT)
     }
 
+    /// `EBLOCKLISTED` (Ceph's name for `ESHUTDOWN`): the cluster refuses
+    /// this client, which was fenced (`osd blocklist add`, or a lock
+    /// broken with blocklisting). Only a new connection can go on.
+    pub fn is_blocklisted(&self) -> bool {
+        self.errno() == Some(libc::ESHUTDOWN)
+    }
+
     pub(crate) fn ceph(op: &'static str, target: Target, ret: i64) -> Error {
         // Ceph returns -errno; accept either sign so a positive code is never
         // reported as "errno -2".

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ceph_client::{IoCtx, LockFlags};
 use metadata::HostRecord;
@@ -184,6 +184,7 @@ impl HostLease {
                 .name("host-lease".into())
                 .spawn(move || {
                     let mut stop = shared.stop.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut renewed_at = Instant::now();
                     loop {
                         stop = shared
                             .wake
@@ -206,12 +207,30 @@ impl HostLease {
                         );
                         match renewed {
                             Ok(()) => {
+                                let gap = renewed_at.elapsed();
+                                renewed_at = Instant::now();
+                                if gap > duration {
+                                    tracing::warn!(
+                                        host,
+                                        gap_secs = gap.as_secs(),
+                                        lease_secs = duration.as_secs(),
+                                        "the host lease had lapsed (this host was stopped or cut off): \
+                                         meanwhile other hosts saw it as dead and could take its containers \
+                                         over; a host that did fenced this one, which then cannot write them; \
+                                         the lease is held again"
+                                    );
+                                }
                                 if shared.lost.swap(false, Ordering::SeqCst) {
                                     tracing::warn!(host, "host lease held again");
                                 }
                                 let beat = store.hosts().modify(&host, |r| r.heartbeat = now());
                                 if let Err(e) = beat {
                                     tracing::warn!(host, error = %e, "heartbeat not recorded");
+                                }
+                            }
+                            Err(e) if e.is_blocklisted() => {
+                                if !shared.lost.swap(true, Ordering::SeqCst) {
+                                    tracing::error!(host, error = %e, "cannot renew the host lease: this docker-rbd was fenced (its RADOS client is blocklisted) because another host took its containers over; it can write nothing more to the cluster; restart docker-rbd to reconnect with a new client");
                                 }
                             }
                             Err(e) => {

@@ -130,6 +130,20 @@ pub enum FleetError {
         /// The dead host.
         host: String,
     },
+    /// The container's record names a host the fleet has no record of.
+    #[error(
+        "container {container} ({name}) is recorded in use on host {host}, which has no host \
+         record in the fleet (removed, or never a docker-rbd host here): run \
+         `docker-rbd takeover {name}` on this host to take it over (or set rbd.autotakeover=true)"
+    )]
+    OwnerUnknown {
+        /// The container id.
+        container: String,
+        /// Its name.
+        name: String,
+        /// The host named.
+        host: String,
+    },
     /// Fencing the old owner failed.
     #[error("fencing the owner of container {container}: {what}")]
     Fence {
@@ -329,10 +343,20 @@ impl Fleet {
                     });
                 }
                 if !self.inner.engine.settings().auto_takeover {
-                    return Err(FleetError::OwnerDead {
-                        container,
-                        name,
-                        host: host.clone(),
+                    let known = self.inner.engine.store().hosts().get(host)?.is_some();
+                    let host = host.clone();
+                    return Err(if known {
+                        FleetError::OwnerDead {
+                            container,
+                            name,
+                            host,
+                        }
+                    } else {
+                        FleetError::OwnerUnknown {
+                            container,
+                            name,
+                            host,
+                        }
                     });
                 }
                 let engine = &self.inner.engine;

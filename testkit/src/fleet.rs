@@ -280,6 +280,27 @@ impl FleetHost {
         log
     }
 
+    /// The logs (`server.log`) of the host's FUSE servers that are mapped
+    /// now (a mapping's directory goes with its unmap).
+    pub fn fuse_server_logs(&self) -> String {
+        let mut out = String::new();
+        let mut dirs = vec![self.driver_home().join("fuse")];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.filter_map(Result::ok) {
+                let path = e.path();
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(path);
+                } else if e.file_name() == "server.log" {
+                    out.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+
     fn plugin_log_tail(&self, lines: usize) -> String {
         format!(
             "--- plugin log of {} ---\n{}",

@@ -3,7 +3,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -26,6 +26,42 @@ const TTL: Duration = Duration::from_secs(3600);
 
 thread_local! {
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `EBLOCKLISTED` as librbd returns it (Ceph maps it to `ESHUTDOWN`): the
+/// cluster refuses this client because another host fenced it.
+const EBLOCKLISTED: i32 = libc::ESHUTDOWN;
+
+/// Whether this server's RADOS client was fenced. Once it has been, the
+/// image is no longer served: every request fails at once with `EIO`
+/// instead of waiting on a cluster that will refuse it, and the reason is
+/// logged once. Only a new client (a new mapping, after docker-rbd starts
+/// again) can write the image.
+#[derive(Debug, Default)]
+struct Fence {
+    fenced: AtomicBool,
+}
+
+impl Fence {
+    /// Notes a backend error; true if it is the one that fences.
+    fn note(&self, err: &io::Error) -> bool {
+        if err.raw_os_error() != Some(EBLOCKLISTED) {
+            return false;
+        }
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                "this client is blocklisted: another docker-rbd host fenced it when it took \
+                 the container over; the image is no longer served here, every request now \
+                 fails (restart docker-rbd to reconnect with a new client)"
+            );
+        }
+        true
+    }
+
+    /// `Some(EIO)` once fenced.
+    fn refuse(&self) -> Option<Errno> {
+        self.fenced.load(Ordering::SeqCst).then_some(Errno::EIO)
+    }
 }
 
 /// Tuning of the FUSE connection.
@@ -81,6 +117,7 @@ pub struct ImageFs<B: BlockBackend> {
     uid: u32,
     gid: u32,
     stats: std::sync::Arc<FsStats>,
+    fence: Fence,
 }
 
 impl<B: BlockBackend> ImageFs<B> {
@@ -93,6 +130,7 @@ impl<B: BlockBackend> ImageFs<B> {
             uid: nix::unistd::geteuid().as_raw(),
             gid: nix::unistd::getegid().as_raw(),
             stats: Default::default(),
+            fence: Fence::default(),
         }
     }
 
@@ -131,11 +169,27 @@ impl<B: BlockBackend> ImageFs<B> {
 
     fn fail(&self, op: &'static str, off: u64, len: u64, err: &io::Error) -> Errno {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if self.fence.note(err) {
+            return Errno::EIO;
+        }
         tracing::error!(op, off, len, error = %err, "backend I/O failed");
         Errno::from_i32(err.raw_os_error().unwrap_or(libc::EIO))
     }
 
+    /// `Some(errno)` when the request must fail before reaching the
+    /// backend (the client is fenced).
+    fn refused(&self) -> Option<Errno> {
+        let refused = self.fence.refuse();
+        if refused.is_some() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        refused
+    }
+
     fn do_flush(&self, reply: ReplyEmpty) {
+        if let Some(e) = self.refused() {
+            return reply.error(e);
+        }
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         match self.backend.flush() {
             Ok(()) => reply.ok(),
@@ -244,6 +298,9 @@ impl<B: BlockBackend + 'static> Filesystem for ImageFs<B> {
         if ino != IMAGE_INO {
             return reply.error(Errno::EISDIR);
         }
+        if let Some(e) = self.refused() {
+            return reply.error(e);
+        }
         let end = self.backend.size();
         if offset >= end {
             return reply.data(&[]);
@@ -293,6 +350,9 @@ impl<B: BlockBackend + 'static> Filesystem for ImageFs<B> {
         }
         if self.options.read_only {
             return reply.error(Errno::EROFS);
+        }
+        if let Some(e) = self.refused() {
+            return reply.error(e);
         }
         let end = self.backend.size();
         let Some(last) = offset.checked_add(data.len() as u64) else {
@@ -385,6 +445,9 @@ impl<B: BlockBackend + 'static> Filesystem for ImageFs<B> {
         let last = last.min(end);
         if offset >= last {
             return reply.ok();
+        }
+        if let Some(e) = self.refused() {
+            return reply.error(e);
         }
         self.stats.discards.fetch_add(1, Ordering::Relaxed);
         match self.backend.discard(offset, last - offset) {
@@ -482,5 +545,22 @@ impl<B: BlockBackend + 'static> Filesystem for ImageFs<B> {
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         reply.error(Errno::ENOSYS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blocklisted_client_is_fenced_for_good() {
+        let fence = Fence::default();
+        assert_eq!(fence.refuse(), None);
+        assert!(!fence.note(&io::Error::from_raw_os_error(libc::EIO)));
+        assert_eq!(fence.refuse(), None, "other errors do not fence");
+        assert!(fence.note(&io::Error::from_raw_os_error(libc::ESHUTDOWN)));
+        assert_eq!(fence.refuse(), Some(Errno::EIO));
+        assert!(fence.note(&io::Error::from_raw_os_error(libc::ESHUTDOWN)));
+        assert_eq!(fence.refuse(), Some(Errno::EIO), "and stays fenced");
     }
 }

@@ -26,6 +26,40 @@ pub const CLIENT_OPTIONS: &[(&str, &str)] = &[
     ("rados_osd_op_timeout", "0"),
 ];
 
+/// Why [`RbdBackend::open`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A cluster call failed.
+    #[error(transparent)]
+    Ceph(#[from] ceph_client::Error),
+    /// Another client holds the image's exclusive lock and keeps it.
+    #[error(
+        "the exclusive lock of image {image} is held by another client ({}), which does not \
+         release it: another host, an `rbd` tool or a leftover mapping has the image open for \
+         writing; it is not taken from it",
+        if .owners.is_empty() { "unknown".to_string() } else { .owners.join(", ") }
+    )]
+    Locked {
+        /// The image.
+        image: String,
+        /// The lock holders' addresses, as librbd lists them.
+        owners: Vec<String>,
+        /// What `rbd_lock_acquire` said.
+        #[source]
+        source: ceph_client::Error,
+    },
+}
+
+impl OpenError {
+    /// The errno to report.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            OpenError::Ceph(e) => e.errno(),
+            OpenError::Locked { .. } => Some(libc::EBUSY),
+        }
+    }
+}
+
 impl RbdBackend {
     /// Connects and opens `spec`: read-only when asked or at a snapshot;
     /// with `exclusive`, takes the exclusive lock and keeps it (other
@@ -36,7 +70,7 @@ impl RbdBackend {
         read_only: bool,
         exclusive: bool,
         connect_timeout: Duration,
-    ) -> Result<Self, ceph_client::Error> {
+    ) -> Result<Self, OpenError> {
         let config = ConnectConfig {
             conf: conn.conf.clone(),
             id: conn.id.clone(),
@@ -57,7 +91,18 @@ impl RbdBackend {
             Image::open(&ioctx, &spec.image, spec.snap.as_deref())?
         };
         if exclusive && !read_only {
-            image.lock_acquire_exclusive()?;
+            // A peer that keeps its lock answers EROFS (librbd's refusal).
+            match image.lock_acquire_exclusive() {
+                Ok(()) => {}
+                Err(e) if matches!(e.errno(), Some(libc::EROFS | libc::EBUSY)) => {
+                    return Err(OpenError::Locked {
+                        image: spec.image.clone(),
+                        owners: image.lock_owners().unwrap_or_default(),
+                        source: e,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         let size = image.size()?;
         tracing::info!(%spec, size, read_only, exclusive, "RBD image open");
