@@ -46,7 +46,7 @@ pub enum OpenError {
         owners: Vec<String>,
         /// What `rbd_lock_acquire` said.
         #[source]
-        source: ceph_client::Error,
+        source: Box<ceph_client::Error>,
     },
 }
 
@@ -98,7 +98,7 @@ impl RbdBackend {
                     return Err(OpenError::Locked {
                         image: spec.image.clone(),
                         owners: image.lock_owners().unwrap_or_default(),
-                        source: e,
+                        source: Box::new(e),
                     });
                 }
                 Err(e) => return Err(e.into()),
