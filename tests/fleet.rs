@@ -881,3 +881,130 @@ fn bad_ownership_states_have_defined_outcomes() {
     a.ok(["rm", "-f", "steady", "odd"]);
     drop(b);
 }
+
+/// The RBD images of the fleet other than the shared base.
+fn layer_images(fleet: &Fleet) -> Vec<String> {
+    rbd_images(fleet)
+        .into_iter()
+        .filter(|n| !n.contains(".base."))
+        .collect()
+}
+
+#[test]
+fn two_hosts_removing_at_once_remove_only_what_nobody_needs() {
+    let test = "two_hosts_removing_at_once_remove_only_what_nobody_needs";
+    let Some(fleet) = Fleet::start(test, Path::new(PLUGIN_BIN), &[]) else {
+        return;
+    };
+    let files = testkit::scratch_dir("fleet-files").unwrap();
+    let a = fleet.host("a", &["--host-id", "host-a"]);
+    let b = fleet.host("b", &["--host-id", "host-b"]);
+    let create = |h: &FleetHost, name: &str| {
+        h.ok([
+            "create",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "busy:1",
+            "echo",
+            "ran",
+        ]);
+        let id = container_id(h, name);
+        wait_record(&fleet, &id, RECORD_WAIT, |_| true);
+    };
+    let remove = |h: &FleetHost, name: &str| {
+        let rm = h.dockerd().docker(["rm", "-f", name]);
+        let rmi = h.dockerd().docker(["rmi", "-f", "busy:1"]);
+        (rm, rmi)
+    };
+    let succeeded = |what: &str, o: &std::process::Output| {
+        assert!(
+            o.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+
+    // Both hosts have the image and a container over it, and remove both
+    // at the same moment: both succeed, and nothing is left.
+    for round in 0..3 {
+        import_busybox(&a, files.path(), "busy:1");
+        import_busybox(&b, files.path(), "busy:1");
+        create(&a, "mine");
+        create(&b, "mine");
+        let ((rm_a, rmi_a), (rm_b, rmi_b)) = std::thread::scope(|s| {
+            let ta = s.spawn(|| remove(&a, "mine"));
+            let tb = s.spawn(|| remove(&b, "mine"));
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        for (what, o) in [
+            ("a rm", &rm_a),
+            ("a rmi", &rmi_a),
+            ("b rm", &rm_b),
+            ("b rmi", &rmi_b),
+        ] {
+            succeeded(&format!("round {round}: {what}"), o);
+        }
+        let deadline = Instant::now() + RECORD_WAIT;
+        while !(store(&fleet).containers().list().unwrap().is_empty()
+            && layer_images(&fleet).is_empty())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: left behind: {:?}",
+                layer_images(&fleet)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    // While a removes its container and the image, b, which has the same
+    // image through the fleet, keeps creating and running containers over
+    // it: every one of b's runs works, and b's layers survive a's removal.
+    import_busybox(&a, files.path(), "busy:1");
+    create(&a, "theirs");
+    let mut b = b;
+    b.restart_dockerd();
+    assert!(image_list(&b).iter().any(|l| l.ends_with(" busy:1")));
+    let (removed, runs) = std::thread::scope(|s| {
+        let ta = s.spawn(|| remove(&a, "theirs"));
+        let tb = s.spawn(|| {
+            (0..3)
+                .map(|i| {
+                    b.dockerd().docker([
+                        "run",
+                        "--name",
+                        &format!("b{i}"),
+                        "--network",
+                        "none",
+                        "busy:1",
+                        "echo",
+                        "ran",
+                    ])
+                })
+                .collect::<Vec<_>>()
+        });
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    succeeded("a rm", &removed.0);
+    succeeded("a rmi", &removed.1);
+    for (i, run) in runs.iter().enumerate() {
+        succeeded(&format!("b run {i}"), run);
+        assert_eq!(String::from_utf8_lossy(&run.stdout), "ran\n");
+    }
+    for i in 0..3 {
+        assert_eq!(b.ok(["start", "-a", &format!("b{i}")]), "ran\n");
+    }
+    assert_eq!(b.dockerd().run_sh("busy:1", "echo ran"), "ran\n");
+    clear(&b);
+    let deadline = Instant::now() + RECORD_WAIT;
+    while !layer_images(&fleet).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            layer_images(&fleet)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
