@@ -26,6 +26,7 @@ use metadata::LayerKind;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, RawSettings, Settings};
+use crate::engine::purge::Purger;
 use crate::engine::{CreateOptions, Engine, EngineError};
 use crate::fleet::{Fleet, FleetError};
 use crate::units::parse_size;
@@ -93,8 +94,10 @@ pub enum PluginError {
 
 /// The engine and the fleet mirror of one `Init`.
 pub struct Driver {
-    // Dropped first: the exporter thread stops before the engine goes.
+    // Dropped first: the exporter thread stops before the engine goes,
+    // then the purger finishes the removals queued.
     fleet: Fleet,
+    purger: Purger,
     engine: Arc<Engine>,
 }
 
@@ -359,9 +362,17 @@ impl RbdPlugin {
             .take();
         drop(old);
         let fleet = Fleet::start(engine.clone(), hydrate)?;
+        let purger = Purger::start(engine.clone()).map_err(|e| EngineError::Io {
+            op: "start the purge thread for",
+            path: home.clone(),
+            source: e,
+        })?;
         self.save_init(&req)?;
-        *self.engine.write().unwrap_or_else(PoisonError::into_inner) =
-            Some(Arc::new(Driver { fleet, engine }));
+        *self.engine.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Driver {
+            fleet,
+            purger,
+            engine,
+        }));
         Ok(())
     }
 
@@ -417,7 +428,10 @@ impl GraphDriver for RbdPlugin {
 
     fn remove(&self, id: &str) -> Result<(), PluginError> {
         let driver = driver(&self.engine)?;
-        driver.engine.remove(id)?;
+        // Recorded now; the snapshot and image go in the background.
+        if let Some(purge) = driver.engine.retire(id)? {
+            driver.purger.submit(&driver.engine, purge);
+        }
         driver.fleet.trigger();
         Ok(())
     }

@@ -22,7 +22,7 @@ use ceph_client::rbd::{self, Image};
 use ceph_client::{ConnectConfig, IoCtx, Rados};
 use docker_rbd::mapper::fuse::loopdev;
 use docker_rbd::names::Naming;
-use metadata::LayerRecord;
+use metadata::{LayerRecord, LayerState};
 use testkit::ceph::CephEnv;
 use testkit::daemon::Daemon;
 use testkit::dockerd::{Dockerd, DockerdConfig};
@@ -295,6 +295,23 @@ impl Fixture {
             .collect()
     }
 
+    /// The layer records once the plugin's background purges are done:
+    /// none is `Removing`, or `Retired` (a parent kept only for a child
+    /// being purged). Gives up after a minute and returns what is there.
+    fn purged_layer_records(&self) -> BTreeMap<String, LayerRecord> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let records = self.layer_records();
+            let pending = records
+                .values()
+                .any(|r| matches!(r.state, LayerState::Removing | LayerState::Retired));
+            if !pending || std::time::Instant::now() > deadline {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Number of ancestors of RBD image `name` (parents of parents ...).
     fn ancestors(&self, name: &str) -> usize {
         let mut n = 0;
@@ -322,6 +339,7 @@ impl Fixture {
     fn assert_everything_removed(&self) {
         assert_eq!(self.ok(["ps", "-aq"]), "", "containers left");
         assert_eq!(self.ok(["images", "-aq"]), "", "images left");
+        self.purged_layer_records();
         let images = self.rbd_images();
         let (base, other): (Vec<&String>, Vec<&String>) =
             images.iter().partition(|i| self.naming.is_base_image(i));
@@ -790,7 +808,7 @@ fn images_containers_and_diffs_through_dockerd() {
     );
     fx.ok(["rmi", &built]);
     assert_eq!(
-        fx.layer_records().len(),
+        fx.purged_layer_records().len(),
         1,
         "layers left by the build: {:?}",
         fx.layer_records()
@@ -815,7 +833,7 @@ fn images_containers_and_diffs_through_dockerd() {
     fx.ok(["rmi", &bk, &format!("{bk}-again")]);
     fx.ok(["builder", "prune", "-af"]);
     assert_eq!(
-        fx.layer_records().len(),
+        fx.purged_layer_records().len(),
         1,
         "layers left by BuildKit after rmi and builder prune: {:?}",
         fx.layer_records()
@@ -828,7 +846,7 @@ fn images_containers_and_diffs_through_dockerd() {
     // Id, diff ids and every special entry, checked by load_special.
     fx.d().load_special(&special, fx.scratch.path());
     assert_eq!(
-        fx.layer_records().len(),
+        fx.purged_layer_records().len(),
         4,
         "busybox + three special layers"
     );
@@ -1027,7 +1045,7 @@ fn images_containers_and_diffs_through_dockerd() {
     let committed_id = fx.ok(["image", "inspect", "-f", "{{.Id}}", &committed]);
     fx.ok(["rm", "fresh", "changed"]);
     fx.ok(["rmi", &committed, &special]);
-    let left = fx.layer_records();
+    let left = fx.purged_layer_records();
     assert_eq!(
         left.keys().collect::<Vec<_>>(),
         vec![import_id],
@@ -1155,7 +1173,7 @@ fn containers_persist_and_survive_a_plugin_crash() {
         snaps.iter().map(|s| &s.name).collect::<Vec<_>>()
     );
     assert_eq!(
-        fx.layer_records().len(),
+        fx.purged_layer_records().len(),
         2,
         "the busybox layer (shared by the import and the fan image, same diff id) \
          and the fan layer after the --rm runs: {:?}",
@@ -1562,7 +1580,11 @@ fn storage_opt_size(test: &str, fs: &str) {
         );
         eprintln!("[{test}] size=64M on xfs: {}", err.trim());
         assert_eq!(fx.ok(["ps", "-aq"]), "", "the refused run left a container");
-        assert_eq!(fx.layer_records().len(), 1, "the refused run left layers");
+        assert_eq!(
+            fx.purged_layer_records().len(),
+            1,
+            "the refused run left layers"
+        );
     } else {
         // Below the base size: writes stop with ENOSPC, and the full layer still
         // starts again.
@@ -1662,7 +1684,7 @@ fn storage_opt_size(test: &str, fs: &str) {
     eprintln!("[{test}] colour=blue: {}", err.trim());
     assert_eq!(fx.ok(["ps", "-aq"]), "", "failed runs left containers");
     assert_eq!(
-        fx.layer_records().len(),
+        fx.purged_layer_records().len(),
         1,
         "failed creates left layers: {:?}",
         fx.layer_records().keys().collect::<Vec<_>>()
@@ -1736,7 +1758,7 @@ fn deep_chains_and_hostile_layers() {
     let loaded = fx.ok(["load".as_ref(), "-i".as_ref(), chain_tar.as_os_str()]);
     assert!(loaded.contains(&chain), "{loaded}");
     assert_eq!(
-        fx.layer_records().len(),
+        fx.purged_layer_records().len(),
         n,
         "layers recorded after the interrupted and the repeated load"
     );

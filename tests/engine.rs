@@ -674,3 +674,72 @@ fn one_host_id_is_one_live_daemon() {
     let b = Engine::open_with(same_id, home_b.path(), fuse_helper()).expect("released id reused");
     assert_eq!(b.host_id(), "twin");
 }
+
+#[test]
+fn a_removal_is_recorded_at_once_and_purged_later_or_after_a_crash() {
+    let Some(fx) = Fixture::new("removal_recorded_then_purged", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let (init, rw) = (format!("{}-init", hex(61)), hex(61));
+    engine.create(&init, "", &image_layer()).unwrap();
+    engine.create(&rw, &init, &rw_layer(None)).unwrap();
+    let image_of = |id: &str| {
+        fx.settings
+            .naming
+            .layer_image(&docker_rbd::names::LayerId::parse(id).unwrap())
+    };
+
+    // As dockerd removes a container: the layer, then its init layer.
+    let purge = engine
+        .retire(&rw)
+        .unwrap()
+        .expect("the last holder marks it");
+    assert_eq!(fx.record(&engine, &rw).unwrap().state, LayerState::Removing);
+    assert!(
+        fx.images().contains(&image_of(&rw)),
+        "the image waits for the purge"
+    );
+    assert!(
+        engine.retire(&init).unwrap().is_none(),
+        "its clone is still there"
+    );
+    assert_eq!(
+        fx.record(&engine, &init).unwrap().state,
+        LayerState::Retired
+    );
+    engine.purge(&purge).unwrap();
+    assert!(
+        engine.list().unwrap().is_empty(),
+        "the purge took the parent along"
+    );
+    assert_eq!(fx.images().len(), 1, "only the base: {:?}", fx.images());
+    engine.purge(&purge).unwrap();
+
+    // A crash with a purge queued: the next start finishes it.
+    engine.create(&init, "", &image_layer()).unwrap();
+    engine.create(&rw, &init, &rw_layer(None)).unwrap();
+    let queued = engine.retire(&rw).unwrap().unwrap();
+    assert!(engine.retire(&init).unwrap().is_none());
+    drop(engine);
+    let engine = fx.engine();
+    assert!(
+        fx.record(&engine, &rw).is_none(),
+        "recovery purged the layer"
+    );
+    assert!(engine.list().unwrap().is_empty(), "and its retired parent");
+    assert_eq!(fx.images().len(), 1, "only the base: {:?}", fx.images());
+
+    // A layer made again under the same id before its purge ran is left
+    // alone by that purge.
+    engine.create(&rw, "", &image_layer()).unwrap();
+    let stale = engine.retire(&rw).unwrap().unwrap();
+    engine.create(&rw, "", &image_layer()).unwrap();
+    assert_eq!(fx.record(&engine, &rw).unwrap().state, LayerState::Created);
+    engine.purge(&stale).unwrap();
+    engine.purge(&queued).unwrap();
+    assert_eq!(fx.record(&engine, &rw).unwrap().state, LayerState::Created);
+    assert!(engine.exists(&rw).unwrap());
+    engine.remove(&rw).unwrap();
+    assert!(engine.list().unwrap().is_empty());
+}

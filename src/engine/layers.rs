@@ -27,6 +27,18 @@ pub struct CreateOptions {
 }
 
 /// What `GetMetadata`, `Status` and the CLI show of a layer.
+/// A removal whose intent is recorded (the layer is `Removing`) and whose
+/// slow part, [`Engine::purge`], is still to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purge {
+    /// The layer.
+    pub id: LayerId,
+    /// Its record as marked.
+    pub record: LayerRecord,
+    /// Its parent, to collect if it was kept only for this layer.
+    pub parent: Option<LayerId>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerInfo {
     /// The layer id.
@@ -78,6 +90,10 @@ impl Engine {
                 }
                 LayerState::Creating if rec.created_by == self.host_id => {
                     tracing::warn!("rolling back an interrupted earlier create");
+                    self.finish_removal(&id, rec)?;
+                }
+                LayerState::Removing => {
+                    // Removed, its purge still queued: finish it first.
                     self.finish_removal(&id, rec)?;
                 }
                 state => {
@@ -307,18 +323,29 @@ impl Engine {
             .is_empty())
     }
 
-    /// Removes layer `id` for this host. Unknown ids succeed. The image goes
-    /// once no host holds the layer and no clone depends on it; until then
-    /// the layer is `Retired`.
-    #[tracing::instrument(skip(self))]
+    /// Removes layer `id` for this host, at once: [`Engine::retire`] then
+    /// [`Engine::purge`]. Unknown ids succeed.
     pub fn remove(&self, id: &str) -> Result<()> {
+        if let Some(purge) = self.retire(id)? {
+            self.purge(&purge)?;
+        }
+        Ok(())
+    }
+
+    /// The quick half of a removal, for this host: drops this host as a
+    /// holder of layer `id`; when it was the last and no clone depends on
+    /// the layer, marks it `Removing` (the intent, in RADOS) and returns
+    /// what [`Engine::purge`] is then to remove. Until clones go, the layer
+    /// is `Retired`. Unknown ids succeed.
+    #[tracing::instrument(skip(self))]
+    pub fn retire(&self, id: &str) -> Result<Option<Purge>> {
         let id = Self::parse(id)?;
         let layers = self.store.layers();
         let Some(current) = layers.get(id.as_str())? else {
             let _held = self.locks.lock(&[id.as_str()]);
             self.release_local(&id, true)?;
             self.remove_stray_image(&id)?;
-            return Ok(());
+            return Ok(None);
         };
         let parent = current
             .value
@@ -326,32 +353,52 @@ impl Engine {
             .as_deref()
             .map(LayerId::parse)
             .transpose()?;
+        let _held = self.locks.lock(&[id.as_str()]);
+        self.release_local(&id, true)?;
+        // Dropping the last holder and leaving `Created` are one
+        // compare-and-set: a host adding itself as holder meanwhile
+        // either lands first (and the layer stays) or sees it retired.
+        let host = self.host_id.clone();
+        let Some(rec) = layers.modify(id.as_str(), |r| {
+            r.holders.remove(&host);
+            if r.holders.is_empty() && r.state == LayerState::Created {
+                r.state = LayerState::Retired;
+            }
+        })?
+        else {
+            return Ok(None);
+        };
+        if !rec.holders.is_empty() {
+            tracing::info!(holders = ?rec.holders, "other hosts still hold the layer; keeping it");
+            return Ok(None);
+        }
+        Ok(self
+            .mark_removing(&id, rec)?
+            .map(|record| Purge { id, record, parent }))
+    }
+
+    /// The slow half of a removal (snapshot, image, record; then parents
+    /// kept only for this layer), for a layer [`Engine::retire`] marked.
+    /// Does nothing if the layer is no longer `Removing` (a `Create` of
+    /// the same id finished the removal and made it anew). Safe to run
+    /// again after a crash, and so is startup recovery's.
+    pub fn purge(&self, purge: &Purge) -> Result<()> {
+        let id = &purge.id;
         {
             let _held = self.locks.lock(&[id.as_str()]);
-            self.release_local(&id, true)?;
-            // Dropping the last holder and leaving `Created` are one
-            // compare-and-set: a host adding itself as holder meanwhile
-            // either lands first (and the layer stays) or sees it retired.
-            let host = self.host_id.clone();
-            let Some(rec) = layers.modify(id.as_str(), |r| {
-                r.holders.remove(&host);
-                if r.holders.is_empty() && r.state == LayerState::Created {
-                    r.state = LayerState::Retired;
+            match self.store.layers().get(id.as_str())? {
+                Some(r)
+                    if r.value.state == LayerState::Removing
+                        && r.value.image == purge.record.image =>
+                {
+                    self.finish_removal(id, &r.value)?;
                 }
-            })?
-            else {
-                return Ok(());
-            };
-            if !rec.holders.is_empty() {
-                tracing::info!(holders = ?rec.holders, "other hosts still hold the layer; keeping it");
-                return Ok(());
-            }
-            if !self.retire_or_remove(&id, rec)? {
-                return Ok(());
+                _ => return Ok(()),
             }
         }
         // The parent may have been kept only for this child.
-        let mut next = parent;
+        let layers = self.store.layers();
+        let mut next = purge.parent.clone();
         while let Some(p) = next.take() {
             let _held = self.locks.lock(&[p.as_str()]);
             let Some(prec) = layers.get(p.as_str())? else {
@@ -377,9 +424,19 @@ impl Engine {
     /// it stays `Retired` until the last one goes. Returns whether it was
     /// removed.
     fn retire_or_remove(&self, id: &LayerId, rec: LayerRecord) -> Result<bool> {
+        let Some(marked) = self.mark_removing(id, rec)? else {
+            return Ok(false);
+        };
+        self.finish_removal(id, &marked)?;
+        Ok(true)
+    }
+
+    /// Marks a holder-less `Retired` layer `Removing` (compare-and-set),
+    /// unless clones depend on it. Returns the marked record.
+    fn mark_removing(&self, id: &LayerId, rec: LayerRecord) -> Result<Option<LayerRecord>> {
         if self.has_children(id, &rec)? {
             tracing::info!(layer = %id, "clones still depend on the layer; retired until they go");
-            return Ok(false);
+            return Ok(None);
         }
         // Only a layer still retired and held by nobody goes.
         let marked = self
@@ -394,11 +451,10 @@ impl Engine {
                 }
                 _ => Err(()),
             })?;
-        let Ok(Some(marked)) = marked else {
-            return Ok(false);
-        };
-        self.finish_removal(id, &marked)?;
-        Ok(true)
+        Ok(match marked {
+            Ok(Some(marked)) => Some(marked),
+            _ => None,
+        })
     }
 
     /// Removes the layer's snapshot and image (each absent is fine) and
@@ -538,8 +594,16 @@ impl Engine {
                     self.finish_removal(&layer, &record)
                 }
                 LayerState::Removing => {
-                    tracing::warn!(layer = %layer, "finishing a removal interrupted by a crash");
-                    self.finish_removal(&layer, &record)
+                    tracing::warn!(layer = %layer, "finishing a removal interrupted by a crash or shutdown");
+                    let parent = record
+                        .parent
+                        .as_deref()
+                        .and_then(|p| LayerId::parse(p).ok());
+                    self.purge(&Purge {
+                        id: layer.clone(),
+                        record,
+                        parent,
+                    })
                 }
                 LayerState::Retired => {
                     // Its last clone may have gone while nobody removed it.

@@ -10,6 +10,8 @@
 //!   is recorded in the metadata store *before* the Ceph side effect
 //!   (`Creating`, `Removing`) and confirmed after, so a crash leaves a record
 //!   that says what was in flight.
+//! - **deferred removal** ([`purge`]): `retire` records a removal and
+//!   returns; a background thread purges the snapshot, image and record.
 //! - **the base image** ([`base`]): one formatted filesystem per pool,
 //!   namespace, filesystem and size, made once under a RADOS lock.
 //! - **mounts** ([`mounts`]): `get`/`put` map the image with the configured
@@ -29,6 +31,7 @@ pub mod layers;
 pub mod lease;
 mod locks;
 pub mod mounts;
+pub mod purge;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,7 +44,7 @@ use crate::mapper::fuse::HelperCommand;
 use crate::mapper::{self, Mapper, MapperConfig};
 use crate::names::{InvalidLayerId, LayerId};
 
-pub use layers::{CreateOptions, LayerInfo};
+pub use layers::{CreateOptions, LayerInfo, Purge};
 pub use locks::LayerLocks;
 
 /// Everything that can go wrong in the engine.
