@@ -1545,7 +1545,7 @@ fn storage_opt_size(test: &str, fs: &str) {
         format!("{big}\nbig\nbig\n")
     );
     let sizes: Vec<(metadata::LayerKind, u64)> = fx
-        .layer_records()
+        .purged_layer_records()
         .values()
         .filter(|r| r.kind != metadata::LayerKind::Image)
         .map(|r| (r.kind, r.size))
@@ -1635,7 +1635,7 @@ fn storage_opt_size(test: &str, fs: &str) {
         // ext4 shrinks the filesystem and the image; xfs, which cannot shrink,
         // limits the layer's root with a project quota.
         let limits: Vec<(u64, Option<u64>)> = fx
-            .layer_records()
+            .purged_layer_records()
             .values()
             .filter(|r| r.kind != metadata::LayerKind::Image)
             .map(|r| (r.size, r.quota))
@@ -1769,7 +1769,7 @@ fn deep_chains_and_hostile_layers() {
     assert_eq!(out, want);
     // The layers: none deeper than the threshold, in the records and in RBD.
     fx.ok(["create", "--network", "none", "--name", "deep", &chain]);
-    let records = fx.layer_records();
+    let records = fx.purged_layer_records();
     assert_eq!(
         records.len(),
         n + 2,

@@ -1,0 +1,223 @@
+//! Container lifecycle on docker-rbd against dockerd's built-in overlay2
+//! and vfs, side by side in one run.
+//!
+//! Three private dockerd 20.10 (one on `docker-rbd serve` with the fuse
+//! mapper, one on overlay2, one on vfs) get the same image (busybox plus
+//! `--data-mib` of data, default 200). For each, after a warm-up, it times
+//! `rounds` times (default 20):
+//!
+//! - `docker run --rm --network none IMG true` (the whole lifecycle);
+//! - `docker run -d` until the container runs, then `docker rm -f`, apart;
+//!
+//! and prints median, min and max of each, with the ratio to overlay2.
+//!
+//! ```text
+//! scripts/bench lifecycle      # or, by hand:
+//! scripts/ceph-dev start /tmp/bench-ceph && source /tmp/bench-ceph/env
+//! cargo build --release --bins --example lifecycle_bench
+//! target/release/examples/lifecycle_bench [--rounds 20] [--data-mib 200]
+//! ```
+//!
+//! Needs root, /dev/fuse, /dev/loop-control, dockerd and the cluster
+//! variables of `scripts/ceph-dev`; works in a RADOS namespace of its own,
+//! removed at the end.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use testkit::dockerd::{Dockerd, DockerdConfig};
+use testkit::fleet::Fleet;
+
+const NAME: &str = "lifecycle_bench";
+
+struct Args {
+    rounds: usize,
+    data_mib: u64,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        rounds: 20,
+        data_mib: 200,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--rounds" => a.rounds = value.parse().context("--rounds")?,
+            "--data-mib" => a.data_mib = value.parse().context("--data-mib")?,
+            other => bail!("unknown flag {other} (--rounds N, --data-mib N)"),
+        }
+    }
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    Ok(a)
+}
+
+/// Median, min and max.
+struct Stats {
+    median: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    Stats {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1000.0)
+}
+
+fn docker(d: &Dockerd, args: &[&str]) -> Result<String> {
+    let out = d.docker(args);
+    if !out.status.success() {
+        bail!(
+            "docker {args:?} on {}: {}",
+            d.config().storage_driver,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Imports busybox and builds `bench:1` on it with `data_mib` of data.
+fn prepare(d: &Dockerd, rootfs: &Path, data_mib: u64) -> Result<()> {
+    docker(d, &["import", &rootfs.display().to_string(), "busy:1"])?;
+    let dockerfile = format!(
+        "FROM busy:1\nRUN dd if=/dev/urandom of=/data bs=1M count={data_mib} 2>/dev/null\n"
+    );
+    let out = d.docker_stdin(
+        ["build", "--network", "none", "-q", "-t", "bench:1", "-"],
+        Some(dockerfile.into_bytes()),
+    );
+    if !out.status.success() {
+        bail!(
+            "docker build on {}: {}",
+            d.config().storage_driver,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The three measurements of one dockerd.
+struct Row {
+    driver: String,
+    run_rm: Stats,
+    start: Stats,
+    rm: Stats,
+}
+
+fn measure(d: &Dockerd, rounds: usize) -> Result<Row> {
+    let run_rm = ["run", "--rm", "--network", "none", "bench:1", "true"];
+    for _ in 0..3 {
+        docker(d, &run_rm)?;
+    }
+    let (mut runs, mut starts, mut rms) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        docker(d, &run_rm)?;
+        runs.push(t.elapsed());
+    }
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let id = docker(
+            d,
+            &["run", "-d", "--network", "none", "bench:1", "sleep", "600"],
+        )?;
+        starts.push(t.elapsed());
+        let t = Instant::now();
+        docker(d, &["rm", "-f", id.trim()])?;
+        rms.push(t.elapsed());
+    }
+    Ok(Row {
+        driver: d.config().storage_driver.clone(),
+        run_rm: stats(runs),
+        start: stats(starts),
+        rm: stats(rms),
+    })
+}
+
+fn main() -> Result<()> {
+    let args = args()?;
+    // SAFETY: set before any thread starts; testkit reads it to fail
+    // instead of skip when a prerequisite is missing.
+    unsafe { std::env::set_var("DOCKER_RBD_TEST_STRICT", "1") };
+    let exe = std::env::current_exe()?;
+    let plugin: PathBuf = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("docker-rbd"))
+        .context("locating the docker-rbd binary next to target/<profile>/examples")?;
+    if !plugin.exists() {
+        bail!(
+            "{} is missing: cargo build --release --bins",
+            plugin.display()
+        );
+    }
+    let scratch = testkit::scratch_dir("lifecycle-bench").map_err(anyhow::Error::msg)?;
+    let rootfs = scratch.path().join("busybox-rootfs.tar");
+    testkit::images::write_busybox_rootfs_tar(&rootfs).map_err(anyhow::Error::msg)?;
+
+    let fleet = Fleet::start(NAME, &plugin, &[]).context("the rbd host could not start")?;
+    let rbd = fleet.host("bench", &["--host-id", "bench"]);
+    let overlay = Dockerd::start(DockerdConfig::new("overlay2")).map_err(anyhow::Error::msg)?;
+    let vfs = Dockerd::start(DockerdConfig::new("vfs")).map_err(anyhow::Error::msg)?;
+    let daemons = [rbd.dockerd(), &overlay, &vfs];
+    for d in daemons {
+        prepare(d, &rootfs, args.data_mib)?;
+    }
+    println!(
+        "container lifecycle, busybox + {} MiB, {} rounds each after 3 warm-up runs (ms)",
+        args.data_mib, args.rounds
+    );
+    let rows: Vec<Row> = daemons
+        .iter()
+        .map(|d| measure(d, args.rounds))
+        .collect::<Result<_>>()?;
+    let base = rows
+        .iter()
+        .find(|r| r.driver == "overlay2")
+        .map(|r| (r.run_rm.median, r.start.median, r.rm.median))
+        .expect("overlay2 was measured");
+    let ratio = |d: Duration, b: Duration| d.as_secs_f64() / b.as_secs_f64().max(1e-9);
+    println!(
+        "{:<22} {:>22} {:>22} {:>22}",
+        "driver", "run --rm (med min max)", "run -d (med min max)", "rm -f (med min max)"
+    );
+    for r in &rows {
+        let driver = if r.driver == "overlay2" || r.driver == "vfs" {
+            r.driver.clone()
+        } else {
+            "rbd (fuse)".to_string()
+        };
+        let cell = |s: &Stats, b: Duration| {
+            format!(
+                "{} {} {} x{:.1}",
+                ms(s.median),
+                ms(s.min),
+                ms(s.max),
+                ratio(s.median, b)
+            )
+        };
+        println!(
+            "{:<22} {:>22} {:>22} {:>22}",
+            driver,
+            cell(&r.run_rm, base.0),
+            cell(&r.start, base.1),
+            cell(&r.rm, base.2)
+        );
+    }
+    println!("(xN: median against overlay2's in the same run)");
+    drop(rbd);
+    drop(fleet);
+    Ok(())
+}
