@@ -127,6 +127,55 @@ fn wait_tag_released(fleet: &Fleet, reference: &str, host: &str) {
     }
 }
 
+/// `fsck.ext4 -n -f` of RBD image `image` of the fleet, mapped read-only
+/// through a fuse mapper of the test's own; the fsck output, or why it
+/// found the filesystem damaged.
+fn fsck_image(fleet: &Fleet, image: &str) -> Result<String, String> {
+    use docker_rbd::mapper::fuse::{FuseConfig, FuseMapper, HelperCommand};
+    use docker_rbd::mapper::{CephConnection, MapRequest};
+    let ceph = testkit::ceph::env()?;
+    let dir = testkit::scratch_dir("fleet-fsck")?;
+    let mut config = FuseConfig::new(CephConnection {
+        conf: Some(ceph.conf.clone()),
+        id: Some(ceph.id.clone()),
+        keyring: Some(ceph.keyring.clone()),
+        cluster: None,
+    });
+    config.run_dir = dir.path().join("run");
+    config.helper = HelperCommand::binary(env!("CARGO_BIN_EXE_docker-rbd-fuse"));
+    let mapper = FuseMapper::new(config).map_err(|e| e.to_string())?;
+    let mut req = MapRequest::new(
+        ceph.pool.clone(),
+        Some(fleet.namespace().to_string()),
+        image,
+    );
+    req.read_only = true;
+    let dev = mapper.map(&req).map_err(|e| e.to_string())?;
+    let out = std::process::Command::new("fsck.ext4")
+        .args(["-n", "-f"])
+        .arg(&dev.device)
+        .output();
+    let unmapped = mapper.unmap(&dev);
+    let out = out.map_err(|e| format!("fsck.ext4: {e}"))?;
+    unmapped.map_err(|e| e.to_string())?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("fsck.ext4 -n: {}: {text}", out.status))
+    }
+}
+
+/// The RBD image of container `id`'s read-write layer.
+fn rw_image(fleet: &Fleet, id: &str) -> String {
+    let rec = store(fleet).containers().get(id).unwrap().unwrap().value;
+    format!("docker-rbd.layer.{}", rec.mount_id)
+}
+
 /// The RBD images of the fleet's namespace.
 fn rbd_images(fleet: &Fleet) -> BTreeSet<String> {
     ceph_client::rbd::list(fleet.ioctx())
@@ -643,6 +692,14 @@ fn a_dead_hosts_container_is_taken_over_and_the_zombie_is_fenced() {
         "the fenced host's container kept ticking for seconds: none of it landed"
     );
     assert!(b.ok(["logs", "writer"]).matches("/data/blob: OK").count() >= 2);
+    b.ok(["stop", "-t", "1", "writer"]);
+    let fsck = fsck_image(&fleet, &rw_image(&fleet, &id));
+    assert!(
+        fsck.is_ok(),
+        "the fenced host damaged the filesystem: {fsck:?}"
+    );
+    b.ok(["start", "writer"]);
+    wait_logs(&b, "writer", "runs=4");
     assert!(
         a.plugin_log().contains("this docker-rbd was fenced"),
         "the fenced host noticed, and says why"
@@ -678,7 +735,7 @@ fn a_dead_hosts_container_is_taken_over_and_the_zombie_is_fenced() {
     // Once b stops it, a may run it again, with all of b's writes.
     b.ok(["stop", "-t", "1", "writer"]);
     a.ok(["start", "writer"]);
-    wait_logs(&a, "writer", "runs=4");
+    wait_logs(&a, "writer", "runs=5");
     let listing = a.ok(["exec", "writer", "ls", "/data"]);
     assert!(listing.contains("after"), "a sees b's write: {listing}");
     a.ok(["stop", "-t", "1", "writer"]);
@@ -1011,4 +1068,87 @@ fn two_hosts_removing_at_once_remove_only_what_nobody_needs() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn a_host_killed_while_its_container_writes_is_taken_over_with_all_it_synced() {
+    let test = "a_host_killed_while_its_container_writes_is_taken_over_with_all_it_synced";
+    let Some(fleet) = Fleet::start(
+        test,
+        Path::new(PLUGIN_BIN),
+        &["--lease-duration", "6", "--lease-renew", "2"],
+    ) else {
+        return;
+    };
+    let files = testkit::scratch_dir("fleet-files").unwrap();
+    let mut a = fleet.host("a", &["--host-id", "host-a"]);
+    import_busybox(&a, files.path(), "busy:1");
+    // The first run keeps writing synced, checksummed chunks until killed.
+    let script = format!(
+        "{MOVER}; if [ \"$(wc -l < /data/log)\" = 1 ]; then i=0; while :; do \
+         i=$((i+1)); dd if=/dev/urandom of=/data/c.$i bs=64k count=4 2>/dev/null; \
+         sha256sum /data/c.$i >> /data/chunks; sync -f /data; done & fi; exec sleep 600"
+    );
+    a.ok([
+        "run",
+        "-d",
+        "--name",
+        "writer",
+        "--network",
+        "none",
+        "busy:1",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    wait_logs(&a, "writer", "runs=1");
+    std::thread::sleep(Duration::from_secs(2));
+    let id = container_id(&a, "writer");
+    wait_record(&fleet, &id, RECORD_WAIT, |r| {
+        r.active_on.as_deref() == Some("host-a")
+    });
+    // Power cut: plugin, dockerd, containerd, the container, its FUSE
+    // server, all SIGKILLed mid-write.
+    a.crash();
+    fleet.phase("host a killed");
+    let mut b = fleet.host("b", &["--host-id", "host-b"]);
+    let refused = b.docker_rbd("takeover", &["writer"]);
+    assert!(
+        !refused.status.success(),
+        "takeover while a's lease is live"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("whose lease is live"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let started = Instant::now();
+    while !b.docker_rbd("takeover", &["writer"]).status.success() {
+        assert!(started.elapsed() < RECORD_WAIT, "takeover still refused");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    fleet.phase(&format!(
+        "taken over {:.1}s after the first refusal",
+        started.elapsed().as_secs_f64()
+    ));
+    b.restart_dockerd();
+    b.ok(["start", "writer"]);
+    wait_logs(&b, "writer", "runs=2");
+    let out = b.ok(["logs", "writer"]);
+    assert!(out.contains("/data/blob: OK"), "{out}");
+    // Every chunk whose checksum a synced is there, intact.
+    let check = b.ok([
+        "exec",
+        "writer",
+        "sh",
+        "-c",
+        "n=$(wc -l < /data/chunks); sha256sum -c /data/chunks > /dev/null 2>&1 && echo ok $n || \
+         { head -n $((n-1)) /data/chunks | sha256sum -c > /dev/null && echo ok $((n-1)); }",
+    ]);
+    assert!(check.starts_with("ok "), "synced chunks damaged: {check}");
+    let chunks: u32 = check.trim()[3..].parse().unwrap();
+    assert!(chunks > 0, "a synced chunks before the kill");
+    eprintln!("[{test}] {chunks} chunks synced by the killed host, all intact on b");
+    b.ok(["stop", "-t", "1", "writer"]);
+    b.ok(["rm", "writer"]);
 }
