@@ -1152,3 +1152,44 @@ fn a_host_killed_while_its_container_writes_is_taken_over_with_all_it_synced() {
     b.ok(["stop", "-t", "1", "writer"]);
     b.ok(["rm", "writer"]);
 }
+
+#[test]
+fn a_dead_fuse_server_is_noticed_and_its_layer_mapped_again() {
+    let test = "a_dead_fuse_server_is_noticed_and_its_layer_mapped_again";
+    let Some(fleet) = Fleet::start(test, Path::new(PLUGIN_BIN), &[]) else {
+        return;
+    };
+    let files = testkit::scratch_dir("fleet-files").unwrap();
+    let a = fleet.host("a", &["--host-id", "host-a"]);
+    import_busybox(&a, files.path(), "busy:1");
+    let script = format!("{MOVER}; exec sleep 600");
+    a.ok([
+        "run",
+        "-d",
+        "--name",
+        "worker",
+        "--network",
+        "none",
+        "busy:1",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    wait_logs(&a, "worker", "runs=1");
+    let servers = testkit::driver::fuse_servers_under(&a.driver_home());
+    assert_eq!(servers.len(), 1, "one mapped layer: {servers:?}");
+    testkit::process::signal(servers[0], nix::sys::signal::Signal::SIGKILL).unwrap();
+    let stop = a.dockerd().docker(["stop", "-t", "1", "worker"]);
+    eprintln!(
+        "[{test}] docker stop after the FUSE server died: {} {}",
+        stop.status,
+        String::from_utf8_lossy(&stop.stderr).trim()
+    );
+    a.ok(["start", "worker"]);
+    wait_logs(&a, "worker", "runs=2");
+    assert!(
+        a.ok(["logs", "worker"]).matches("/data/blob: OK").count() == 2,
+        "every synced byte is there"
+    );
+    a.ok(["rm", "-f", "worker"]);
+}
