@@ -9,6 +9,8 @@ use docker_rbd::config::{RawSettings, Source};
 use docker_rbd::plugin::RbdPlugin;
 use graphdriver_api::{ServerConfig, SocketGroup};
 
+mod cli;
+
 /// Docker storage driver keeping container root filesystems on Ceph RBD.
 #[derive(Parser)]
 #[command(name = "docker-rbd", version, about)]
@@ -25,6 +27,35 @@ enum Command {
     /// host (blocklist its clients), break its lock on the container's
     /// layer, and make this host the container's owner.
     Takeover(TakeoverArgs),
+    /// List the fleet's layers; -l adds size, parent, kind, users, hosts, lock.
+    #[command(visible_alias = "list")]
+    Ls(cli::layers::LsArgs),
+    /// Show all that is known of a layer, image or container's layer.
+    Info(cli::layers::InfoArgs),
+    /// List the fleet's containers: id, name, image, state, owner, last host.
+    Containers(cli::fleet::PlainArgs),
+    /// List the fleet's hosts: id, address, alive, lease expiry, containers.
+    Hosts(cli::fleet::PlainArgs),
+    /// Locks on containers' read-write layers.
+    #[command(subcommand)]
+    Lock(LockCommand),
+    /// The layer graph as a tree, image tags and container names at the tips.
+    Tree(cli::layers::TreeArgs),
+    /// List the layers cloned from a layer.
+    Children(cli::fleet::ChildrenArgs),
+    /// Provisioned and used bytes of layers, with a total row.
+    #[command(visible_alias = "disk-usage")]
+    Du(cli::fleet::DuArgs),
+    /// Metadata for the Docker CLI, so `docker rbd ...` runs docker-rbd.
+    #[command(name = "docker-cli-plugin-metadata", hide = true)]
+    DockerCliPluginMetadata,
+}
+
+#[derive(Subcommand)]
+enum LockCommand {
+    /// The exclusive lock on a container's read-write layer.
+    #[command(visible_alias = "list")]
+    Ls(cli::fleet::LockLsArgs),
 }
 
 #[derive(Args)]
@@ -42,12 +73,12 @@ struct TakeoverArgs {
 
 /// Ceph and driver settings; each also exists as `--storage-opt rbd.<key>`.
 #[derive(Args, Default)]
-struct SettingsArgs {
+pub struct SettingsArgs {
     /// ceph.conf path (rbd.conf).
     #[arg(short = 'c', long = "conf", value_name = "PATH")]
     conf: Option<PathBuf>,
     /// cephx client id, without `client.` (rbd.id).
-    #[arg(long = "id", value_name = "ID")]
+    #[arg(long = "id", visible_alias = "user", value_name = "ID")]
     id: Option<String>,
     /// Keyring path (rbd.keyring).
     #[arg(short = 'k', long = "keyring", value_name = "PATH")]
@@ -97,7 +128,7 @@ struct SettingsArgs {
 }
 
 impl SettingsArgs {
-    fn raw(&self) -> Result<RawSettings> {
+    pub fn raw(&self) -> Result<RawSettings> {
         let mut raw = match &self.config {
             Some(path) => RawSettings::from_file(path)?,
             None => RawSettings::default(),
@@ -180,11 +211,56 @@ fn main() -> Result<()> {
             1
         });
     }
-    let cli = Cli::parse();
-    init_logging();
+    // As a Docker CLI plugin (`docker rbd ls`), argv[1] is `rbd`.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "rbd") {
+        argv.remove(1);
+    }
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("error: ");
+            eprintln!(
+                "docker-rbd: invalid arguments: ({}) {}: {first}",
+                libc::EINVAL,
+                cli::strerror(libc::EINVAL)
+            );
+            std::process::exit(libc::EINVAL);
+        }
+    };
+    let inspect = |action: &str, r: Result<()>| -> Result<()> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => cli::fail(action, &e),
+        }
+    };
     match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Takeover(args) => takeover(args),
+        Command::Serve(args) => {
+            init_logging();
+            serve(args)
+        }
+        Command::Takeover(args) => {
+            init_logging();
+            takeover(args)
+        }
+        Command::Ls(args) => inspect("ls", cli::layers::ls(&args)),
+        Command::Info(args) => inspect("info", cli::layers::info(&args)),
+        Command::Containers(args) => inspect("containers", cli::fleet::containers(&args)),
+        Command::Hosts(args) => inspect("hosts", cli::fleet::hosts(&args)),
+        Command::Lock(LockCommand::Ls(args)) => inspect("lock ls", cli::fleet::lock_ls(&args)),
+        Command::Tree(args) => inspect("tree", cli::layers::tree(&args)),
+        Command::Children(args) => inspect("children", cli::fleet::children(&args)),
+        Command::Du(args) => inspect("du", cli::fleet::du(&args)),
+        Command::DockerCliPluginMetadata => cli::emit(&format!(
+            "{{\"SchemaVersion\":\"0.1.0\",\"Vendor\":\"docker-rbd\",\"Version\":\"{}\",\"ShortDescription\":\"Inspect the docker-rbd fleet on Ceph RBD\"}}\n",
+            env!("CARGO_PKG_VERSION")
+        )),
     }
 }
 
