@@ -74,10 +74,10 @@ pub enum CliError {
 /// CLI's own, `EINVAL` for settings, else `EIO`.
 pub fn errno_of(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<ceph_client::Error>() {
-            if let Some(n) = e.errno() {
-                return n;
-            }
+        if let Some(e) = cause.downcast_ref::<ceph_client::Error>()
+            && let Some(n) = e.errno()
+        {
+            return n;
         }
         if let Some(e) = cause.downcast_ref::<CliError>() {
             return match e {
@@ -94,12 +94,15 @@ pub fn errno_of(err: &anyhow::Error) -> i32 {
                 _ => {}
             }
         }
-        if let Some(e) = cause.downcast_ref::<std::io::Error>() {
-            if let Some(n) = e.raw_os_error() {
-                return n;
-            }
+        if let Some(e) = cause.downcast_ref::<std::io::Error>()
+            && let Some(n) = e.raw_os_error()
+        {
+            return n;
         }
-        if cause.downcast_ref::<docker_rbd::config::ConfigError>().is_some() {
+        if cause
+            .downcast_ref::<docker_rbd::config::ConfigError>()
+            .is_some()
+        {
             return libc::EINVAL;
         }
     }
@@ -237,9 +240,7 @@ pub struct Snapshot {
     pub tags: BTreeMap<String, DockerTagRecord>,
 }
 
-fn table_of<T: metadata::Record>(
-    t: metadata::Table<T>,
-) -> Result<BTreeMap<String, T>> {
+fn table_of<T: metadata::Record>(t: metadata::Table<T>) -> Result<BTreeMap<String, T>> {
     let object = t.object().to_string();
     let mut out = BTreeMap::new();
     for (key, value) in t.list().with_context(|| format!("cannot list {object}"))? {
@@ -270,10 +271,10 @@ impl Snapshot {
     pub fn used_by(&self) -> BTreeMap<String, Vec<String>> {
         let mut top_of_image: BTreeMap<&str, &str> = BTreeMap::new();
         for (id, image) in &self.images {
-            if let Some(chain) = image_top_chain(&image.config) {
-                if let Some(layer) = self.docker_layers.get(&chain) {
-                    top_of_image.insert(id.as_str(), layer.cache_id.as_str());
-                }
+            if let Some(chain) = image_top_chain(&image.config)
+                && let Some(layer) = self.docker_layers.get(&chain)
+            {
+                top_of_image.insert(id.as_str(), layer.cache_id.as_str());
             }
         }
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -306,10 +307,9 @@ impl Snapshot {
             .tags
             .get(reference)
             .or_else(|| self.tags.get(&format!("{reference}:latest")))
+            && let Some(l) = self.image_top_layer(&tag.image)
         {
-            if let Some(l) = self.image_top_layer(&tag.image) {
-                return Ok(l);
-            }
+            return Ok(l);
         }
         let image_id = if reference.starts_with("sha256:") {
             reference.to_string()
@@ -324,7 +324,9 @@ impl Snapshot {
             .containers
             .iter()
             .filter(|(id, c)| {
-                *id == reference || c.name == name || (reference.len() >= 4 && id.starts_with(reference))
+                *id == reference
+                    || c.name == name
+                    || (reference.len() >= 4 && id.starts_with(reference))
             })
             .map(|(_, c)| c.mount_id.clone())
             .collect();
