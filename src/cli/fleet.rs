@@ -123,12 +123,9 @@ pub fn hosts(args: &PlainArgs) -> Result<()> {
     let snap = Snapshot::read(&conn.store)?;
     let mut rows = Vec::new();
     for (id, h) in &snap.hosts {
-        let alive = docker_rbd::engine::lease::host_is_live(
-            conn.store.ioctx(),
-            conn.store.prefix(),
-            id,
-        )
-        .with_context(|| format!("lease of host {id}"))?;
+        let alive =
+            docker_rbd::engine::lease::host_is_live(conn.store.ioctx(), conn.store.prefix(), id)
+                .with_context(|| format!("lease of host {id}"))?;
         rows.push(HostRow {
             id: id.clone(),
             hostname: h.hostname.clone(),

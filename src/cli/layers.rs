@@ -153,7 +153,7 @@ struct Info {
 pub fn used_bytes(ioctx: &ceph_client::IoCtx, image: &str) -> Option<u64> {
     let img = Image::open_read_only(ioctx, image, None).ok()?;
     let mut used = 0;
-    img.diff_iterate(None, false, true, |_off, len, exists| {
+    img.diff_iterate(None, false, false, |_off, len, exists| {
         if exists {
             used += len;
         }
@@ -221,7 +221,10 @@ pub fn info(args: &InfoArgs) -> Result<()> {
                 .to_string(),
         );
         kv("size", format_size(info.provisioned));
-        kv("used", info.used.map(format_size).unwrap_or_else(|| "-".into()));
+        kv(
+            "used",
+            info.used.map(format_size).unwrap_or_else(|| "-".into()),
+        );
         if let Some(q) = info.quota {
             kv("quota", format_size(q));
         }
@@ -236,7 +239,10 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         kv("lock owners", or_dash(&info.lock_owners.join(",")));
         kv("created by", info.created_by.clone());
         for (i, p) in info.parents.iter().enumerate() {
-            kv(&format!("parent {}", i + 1), format!("{} (depth {})", p.layer, p.depth));
+            kv(
+                &format!("parent {}", i + 1),
+                format!("{} (depth {})", p.layer, p.depth),
+            );
         }
         format!("layer '{}':\n{s}", info.layer)
     })
@@ -244,7 +250,9 @@ pub fn info(args: &InfoArgs) -> Result<()> {
 }
 
 /// Layer ids grouped by parent (`None` for the roots).
-pub fn children_of(layers: &BTreeMap<String, LayerRecord>) -> BTreeMap<Option<String>, Vec<String>> {
+pub fn children_of(
+    layers: &BTreeMap<String, LayerRecord>,
+) -> BTreeMap<Option<String>, Vec<String>> {
     let mut out: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
     for (id, r) in layers {
         out.entry(r.parent.clone()).or_default().push(id.clone());
@@ -278,7 +286,11 @@ fn node(
         .unwrap_or_default();
     TreeNode {
         layer: id.to_string(),
-        kind: snap.layers.get(id).map(|r| kind_word(r.kind)).unwrap_or("image"),
+        kind: snap
+            .layers
+            .get(id)
+            .map(|r| kind_word(r.kind))
+            .unwrap_or("image"),
         used_by: used.get(id).cloned().unwrap_or_default(),
         children,
     }
@@ -325,7 +337,11 @@ pub fn tree(args: &TreeArgs) -> Result<()> {
     let roots: Vec<&String> = snap
         .layers
         .iter()
-        .filter(|(_, r)| r.parent.as_ref().is_none_or(|p| !snap.layers.contains_key(p)))
+        .filter(|(_, r)| {
+            r.parent
+                .as_ref()
+                .is_none_or(|p| !snap.layers.contains_key(p))
+        })
         .map(|(id, _)| id)
         .filter(|id| chain.as_ref().is_none_or(|c| c.contains(id)))
         .collect();

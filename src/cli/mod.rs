@@ -74,10 +74,13 @@ pub enum CliError {
 /// CLI's own, `EINVAL` for settings, else `EIO`.
 pub fn errno_of(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<ceph_client::Error>() {
-            if let Some(n) = e.errno() {
-                return n;
-            }
+        let ceph = cause.downcast_ref::<ceph_client::Error>().or_else(|| {
+            cause
+                .downcast_ref::<Box<ceph_client::Error>>()
+                .map(|b| &**b)
+        });
+        if let Some(n) = ceph.and_then(|e| e.errno()) {
+            return n;
         }
         if let Some(e) = cause.downcast_ref::<CliError>() {
             return match e {
@@ -94,12 +97,16 @@ pub fn errno_of(err: &anyhow::Error) -> i32 {
                 _ => {}
             }
         }
-        if let Some(e) = cause.downcast_ref::<std::io::Error>() {
-            if let Some(n) = e.raw_os_error() {
-                return n;
-            }
+        if let Some(n) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|e| e.raw_os_error())
+        {
+            return n;
         }
-        if cause.downcast_ref::<docker_rbd::config::ConfigError>().is_some() {
+        if cause
+            .downcast_ref::<docker_rbd::config::ConfigError>()
+            .is_some()
+        {
             return libc::EINVAL;
         }
     }
@@ -237,9 +244,7 @@ pub struct Snapshot {
     pub tags: BTreeMap<String, DockerTagRecord>,
 }
 
-fn table_of<T: metadata::Record>(
-    t: metadata::Table<T>,
-) -> Result<BTreeMap<String, T>> {
+fn table_of<T: metadata::Record>(t: metadata::Table<T>) -> Result<BTreeMap<String, T>> {
     let object = t.object().to_string();
     let mut out = BTreeMap::new();
     for (key, value) in t.list().with_context(|| format!("cannot list {object}"))? {
@@ -270,10 +275,10 @@ impl Snapshot {
     pub fn used_by(&self) -> BTreeMap<String, Vec<String>> {
         let mut top_of_image: BTreeMap<&str, &str> = BTreeMap::new();
         for (id, image) in &self.images {
-            if let Some(chain) = image_top_chain(&image.config) {
-                if let Some(layer) = self.docker_layers.get(&chain) {
-                    top_of_image.insert(id.as_str(), layer.cache_id.as_str());
-                }
+            if let Some(layer) =
+                image_top_chain(&image.config).and_then(|c| self.docker_layers.get(&c))
+            {
+                top_of_image.insert(id.as_str(), layer.cache_id.as_str());
             }
         }
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -302,14 +307,13 @@ impl Snapshot {
         if self.layers.contains_key(reference) {
             return Ok(reference.to_string());
         }
-        if let Some(tag) = self
+        if let Some(l) = self
             .tags
             .get(reference)
             .or_else(|| self.tags.get(&format!("{reference}:latest")))
+            .and_then(|tag| self.image_top_layer(&tag.image))
         {
-            if let Some(l) = self.image_top_layer(&tag.image) {
-                return Ok(l);
-            }
+            return Ok(l);
         }
         let image_id = if reference.starts_with("sha256:") {
             reference.to_string()
@@ -324,7 +328,9 @@ impl Snapshot {
             .containers
             .iter()
             .filter(|(id, c)| {
-                *id == reference || c.name == name || (reference.len() >= 4 && id.starts_with(reference))
+                *id == reference
+                    || c.name == name
+                    || (reference.len() >= 4 && id.starts_with(reference))
             })
             .map(|(_, c)| c.mount_id.clone())
             .collect();
