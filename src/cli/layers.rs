@@ -153,7 +153,7 @@ struct Info {
 pub fn used_bytes(ioctx: &ceph_client::IoCtx, image: &str) -> Option<u64> {
     let img = Image::open_read_only(ioctx, image, None).ok()?;
     let mut used = 0;
-    img.diff_iterate(None, false, true, |_off, len, exists| {
+    img.diff_iterate(None, false, false, |_off, len, exists| {
         if exists {
             used += len;
         }

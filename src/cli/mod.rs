@@ -74,9 +74,12 @@ pub enum CliError {
 /// CLI's own, `EINVAL` for settings, else `EIO`.
 pub fn errno_of(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<ceph_client::Error>()
-            && let Some(n) = e.errno()
-        {
+        let ceph = cause.downcast_ref::<ceph_client::Error>().or_else(|| {
+            cause
+                .downcast_ref::<Box<ceph_client::Error>>()
+                .map(|b| &**b)
+        });
+        if let Some(n) = ceph.and_then(|e| e.errno()) {
             return n;
         }
         if let Some(e) = cause.downcast_ref::<CliError>() {
@@ -94,8 +97,9 @@ pub fn errno_of(err: &anyhow::Error) -> i32 {
                 _ => {}
             }
         }
-        if let Some(e) = cause.downcast_ref::<std::io::Error>()
-            && let Some(n) = e.raw_os_error()
+        if let Some(n) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|e| e.raw_os_error())
         {
             return n;
         }
@@ -271,8 +275,8 @@ impl Snapshot {
     pub fn used_by(&self) -> BTreeMap<String, Vec<String>> {
         let mut top_of_image: BTreeMap<&str, &str> = BTreeMap::new();
         for (id, image) in &self.images {
-            if let Some(chain) = image_top_chain(&image.config)
-                && let Some(layer) = self.docker_layers.get(&chain)
+            if let Some(layer) =
+                image_top_chain(&image.config).and_then(|c| self.docker_layers.get(&c))
             {
                 top_of_image.insert(id.as_str(), layer.cache_id.as_str());
             }
@@ -303,11 +307,11 @@ impl Snapshot {
         if self.layers.contains_key(reference) {
             return Ok(reference.to_string());
         }
-        if let Some(tag) = self
+        if let Some(l) = self
             .tags
             .get(reference)
             .or_else(|| self.tags.get(&format!("{reference}:latest")))
-            && let Some(l) = self.image_top_layer(&tag.image)
+            .and_then(|tag| self.image_top_layer(&tag.image))
         {
             return Ok(l);
         }

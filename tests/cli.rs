@@ -1,0 +1,537 @@
+//! Golden tests of the inspection CLI (`docker-rbd ls`, `info`, `tree`,
+//! `children`, `du`, `containers`, `hosts`, `lock ls`): plain and JSON
+//! output, exit codes, and one-line errno errors on bad input.
+//!
+//! The fleet is written as records straight into a fresh RADOS namespace
+//! (two hosts, an image with two layers and a tag, two containers, one
+//! layer whose record has no RBD image), with a real RBD image for the
+//! base layer so `du` and `info` measure something.
+//!
+//! Needs the test cluster; skipped when run bare without it, failed under
+//! `scripts/test`.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::Arc;
+
+use ceph_client::rbd;
+use ceph_client::{ConnectConfig, IoCtx, Rados};
+use metadata::{
+    ContainerRecord, ContainerState, DockerImageRecord, DockerLayerRecord, DockerTagRecord,
+    HostRecord, LayerKind, LayerRecord, LayerState, Store,
+};
+use testkit::ceph::{CephEnv, unique_namespace};
+
+const BIN: &str = env!("CARGO_BIN_EXE_docker-rbd");
+const GIB: u64 = 1 << 30;
+
+const BASE: &str = "base0000";
+const TOP: &str = "top00000";
+const WEB_INIT: &str = "web00000-init";
+const WEB: &str = "web00000";
+const DB: &str = "db000000";
+const LOST: &str = "lost0000";
+
+struct TestFleet {
+    env: CephEnv,
+    namespace: String,
+    _rados: Rados,
+    ioctx: Arc<IoCtx>,
+    pool: IoCtx,
+}
+
+impl Drop for TestFleet {
+    fn drop(&mut self) {
+        testkit::driver::remove_namespace("cli", &self.ioctx, &self.pool, &self.namespace);
+    }
+}
+
+fn set(hosts: &[&str]) -> BTreeSet<String> {
+    hosts.iter().map(|h| h.to_string()).collect()
+}
+
+fn layer(
+    parent: Option<&str>,
+    id: &str,
+    kind: LayerKind,
+    size: u64,
+    holders: &[&str],
+) -> LayerRecord {
+    LayerRecord {
+        parent: parent.map(str::to_string),
+        image: format!("docker-rbd.layer.{id}"),
+        kind,
+        state: LayerState::Created,
+        depth: 0,
+        size,
+        quota: None,
+        sealed: kind == LayerKind::Image,
+        holders: set(holders),
+        created_by: "host-a".into(),
+        created_at: 1_700_000_000,
+    }
+}
+
+fn container(
+    name: &str,
+    rw: &str,
+    init: Option<&str>,
+    running_on: Option<&str>,
+    ran_on: &str,
+) -> ContainerRecord {
+    ContainerRecord {
+        name: format!("/{name}"),
+        config: r#"{"Config":{"Image":"busybox:latest"}}"#.into(),
+        hostconfig: None,
+        mount_id: rw.into(),
+        init_id: init.map(str::to_string),
+        parent: None,
+        state: if running_on.is_some() {
+            ContainerState::Running
+        } else {
+            ContainerState::Stopped
+        },
+        active_on: running_on.map(str::to_string),
+        ran_on: ran_on.into(),
+        started_at: String::new(),
+        docker_root: "/var/lib/docker".into(),
+        exported_by: ran_on.into(),
+        generation: 1,
+        holders: set(&[ran_on]),
+        updated_at: 1_700_000_000,
+    }
+}
+
+fn build() -> Option<TestFleet> {
+    let env = testkit::ceph::require("cli")?;
+    let namespace = unique_namespace("cli");
+    let rados = Rados::connect(&ConnectConfig {
+        conf: Some(env.conf.clone()),
+        id: Some(env.id.clone()),
+        keyring: Some(env.keyring.clone()),
+        ..ConnectConfig::default()
+    })
+    .expect("connect");
+    let pool = rados.ioctx(&env.pool, None).expect("pool");
+    rbd::namespace_create(&pool, &namespace).expect("rbd namespace");
+    let ioctx = Arc::new(rados.ioctx(&env.pool, Some(&namespace)).expect("ioctx"));
+    let fleet = TestFleet {
+        env,
+        namespace,
+        _rados: rados,
+        ioctx: ioctx.clone(),
+        pool,
+    };
+    let store = Store::new(ioctx.clone(), "docker-rbd.");
+    // The base layer has a real image: 8 MiB provisioned, 1 MiB written.
+    rbd::create(
+        &ioctx,
+        "docker-rbd.layer.base0000",
+        8 << 20,
+        &rbd::ImageOptions::default(),
+    )
+    .expect("create image");
+    let img = rbd::Image::open(&ioctx, "docker-rbd.layer.base0000", None).expect("open");
+    img.write_all_at(0, &vec![7u8; 1 << 20]).expect("write");
+    drop(img);
+    let mut base = layer(None, BASE, LayerKind::Image, 8 << 20, &["host-a", "host-b"]);
+    base.sealed = true;
+    let layers = store.layers();
+    layers.create(BASE, &base).unwrap();
+    layers
+        .create(
+            TOP,
+            &layer(
+                Some(BASE),
+                TOP,
+                LayerKind::Image,
+                10 * GIB,
+                &["host-a", "host-b"],
+            ),
+        )
+        .unwrap();
+    layers
+        .create(
+            WEB_INIT,
+            &layer(Some(TOP), WEB_INIT, LayerKind::Init, 10 * GIB, &["host-a"]),
+        )
+        .unwrap();
+    layers
+        .create(
+            WEB,
+            &layer(
+                Some(WEB_INIT),
+                WEB,
+                LayerKind::ReadWrite,
+                10 * GIB,
+                &["host-a"],
+            ),
+        )
+        .unwrap();
+    layers
+        .create(
+            DB,
+            &layer(Some(TOP), DB, LayerKind::ReadWrite, 10 * GIB, &["host-b"]),
+        )
+        .unwrap();
+    layers
+        .create(
+            LOST,
+            &layer(Some("gone0000"), LOST, LayerKind::Image, 512 << 20, &[]),
+        )
+        .unwrap();
+    let d1 = format!("sha256:{}", "1".repeat(64));
+    let d2 = format!("sha256:{}", "2".repeat(64));
+    let c1 = d1.clone();
+    let c2 = docker_rbd::fleet::hydrate::chain_id(&[&d1, &d2]).unwrap();
+    let dl = |diff: &str, cache: &str, parent: Option<&str>| DockerLayerRecord {
+        diff_id: diff.into(),
+        size: 0,
+        cache_id: cache.into(),
+        parent: parent.map(str::to_string),
+        descriptor: None,
+        tar_split: None,
+        holders: set(&["host-a", "host-b"]),
+    };
+    store
+        .docker_layers()
+        .create(&c1, &dl(&d1, BASE, None))
+        .unwrap();
+    store
+        .docker_layers()
+        .create(&c2, &dl(&d2, TOP, Some(&c1)))
+        .unwrap();
+    let image_id = format!("sha256:{}", "f".repeat(64));
+    store
+        .docker_images()
+        .create(
+            &image_id,
+            &DockerImageRecord {
+                config: format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{d1}","{d2}"]}}}}"#),
+                parent: None,
+                last_updated: None,
+                holders: set(&["host-a", "host-b"]),
+            },
+        )
+        .unwrap();
+    store
+        .docker_tags()
+        .create(
+            "busybox:latest",
+            &DockerTagRecord {
+                repository: "busybox".into(),
+                image: image_id,
+                holders: set(&["host-a", "host-b"]),
+            },
+        )
+        .unwrap();
+    let web_id = format!("aaaa{}", "0".repeat(60));
+    let db_id = format!("bbbb{}", "0".repeat(60));
+    store
+        .containers()
+        .create(
+            &web_id,
+            &container("web", WEB, Some(WEB_INIT), Some("host-a"), "host-a"),
+        )
+        .unwrap();
+    store
+        .containers()
+        .create(&db_id, &container("db", DB, None, None, "host-b"))
+        .unwrap();
+    for (id, addr) in [("host-a", "10.0.0.1:0/1"), ("host-b", "10.0.0.2:0/2")] {
+        store
+            .hosts()
+            .create(
+                id,
+                &HostRecord {
+                    hostname: id.into(),
+                    version: "0.1.0".into(),
+                    heartbeat: 1_700_000_000,
+                    client_addr: addr.into(),
+                    home: "/var/lib/docker/rbd".into(),
+                    lease_secs: 30,
+                    started: 1_700_000_000,
+                },
+            )
+            .unwrap();
+    }
+    Some(fleet)
+}
+
+struct Out {
+    stdout: String,
+    stderr: String,
+    code: i32,
+}
+
+fn run(fleet: Option<&TestFleet>, args: &[&str]) -> Out {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for var in [
+        "DOCKER_RBD_CEPH_CONF",
+        "DOCKER_RBD_CEPH_ID",
+        "DOCKER_RBD_CEPH_KEYRING",
+        "DOCKER_RBD_POOL",
+    ] {
+        cmd.env_remove(var);
+    }
+    if let Some(f) = fleet {
+        cmd.args(["-c", f.env.conf.to_str().unwrap()])
+            .args(["--id", &f.env.id])
+            .args(["-k", f.env.keyring.to_str().unwrap()])
+            .args(["-p", &f.env.pool])
+            .args(["--namespace", &f.namespace]);
+    }
+    let out = cmd.output().expect("run docker-rbd");
+    Out {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: out.status.code().unwrap_or(-1),
+    }
+}
+
+fn ok(f: &TestFleet, args: &[&str]) -> String {
+    let out = run(Some(f), args);
+    assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+    assert_eq!(out.stderr, "", "{args:?}");
+    out.stdout
+}
+
+fn fails(f: Option<&TestFleet>, args: &[&str], code: i32, message: &str) {
+    let out = run(f, args);
+    assert_eq!(out.code, code, "{args:?}: {}", out.stderr);
+    assert_eq!(out.stdout, "", "{args:?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {}", out.stderr);
+    assert!(
+        out.stderr.starts_with(message),
+        "{args:?}: {:?} does not start with {message:?}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+fn json(f: &TestFleet, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["--format", "json"]);
+    serde_json::from_str(&ok(f, &all)).expect("JSON output")
+}
+
+#[test]
+fn inspection_commands_print_the_fleet() {
+    let Some(f) = build() else { return };
+
+    assert_eq!(
+        ok(&f, &["ls"]),
+        "base0000\ndb000000\nlost0000\ntop00000\nweb00000\nweb00000-init\n"
+    );
+    assert_eq!(
+        json(&f, &["ls"]),
+        serde_json::json!([BASE, DB, LOST, TOP, WEB, WEB_INIT])
+    );
+    assert_eq!(
+        ok(&f, &["list", "-l"]),
+        "\
+NAME           SIZE     PARENT         KIND   USED BY         HOSTS          LOCK
+base0000       8 MiB    -              image  -               host-a,host-b  -
+db000000       10 GiB   top00000       rw     db              host-b         -
+lost0000       512 MiB  gone0000       image  -               -              -
+top00000       10 GiB   base0000       image  busybox:latest  host-a,host-b  -
+web00000       10 GiB   web00000-init  rw     web             host-a         host-a
+web00000-init  10 GiB   top00000       init   web             host-a         -
+"
+    );
+    let long = json(&f, &["ls", "-l"]);
+    assert_eq!(long[3]["layer"], TOP);
+    assert_eq!(long[3]["size"], 10 * GIB);
+    assert_eq!(long[3]["used_by"], serde_json::json!(["busybox:latest"]));
+    assert_eq!(long[4]["kind"], "rw");
+    assert_eq!(long[4]["lock"], "host-a");
+
+    assert_eq!(
+        ok(&f, &["tree"]),
+        "\
+base0000 (image)
+|-- top00000 (image) [busybox:latest]
+    |-- db000000 (rw) [db]
+    `-- web00000-init (init) [web]
+        `-- web00000 (rw) [web]
+lost0000 (image)
+"
+        .replace("|-- top", "`-- top")
+    );
+    assert_eq!(
+        ok(&f, &["tree", "db"]),
+        "base0000 (image)\n`-- top00000 (image) [busybox:latest]\n    `-- db000000 (rw) [db]\n"
+    );
+    assert_eq!(json(&f, &["tree", "db"])[0]["children"][0]["layer"], TOP);
+
+    assert_eq!(
+        ok(&f, &["children", "busybox"]),
+        "db000000\nweb00000-init\n"
+    );
+    assert_eq!(json(&f, &["children", WEB]), serde_json::json!([]));
+    assert_eq!(ok(&f, &["children", WEB]), "");
+
+    assert_eq!(
+        ok(&f, &["du", BASE]),
+        "NAME      PROVISIONED  USED\nbase0000  8 MiB        1 MiB\n<TOTAL>   8 MiB        1 MiB\n"
+    );
+    let du = json(&f, &["disk-usage"]);
+    assert_eq!(du["images"].as_array().unwrap().len(), 6);
+    assert_eq!(
+        du["total_provisioned_size"],
+        8 * (1 << 20) + 40 * GIB + (512 << 20)
+    );
+    assert_eq!(du["total_used_size"], 1 << 20);
+
+    let info = ok(&f, &["info", "web"]);
+    assert!(
+        info.starts_with("layer 'web00000':\n\trbd image: docker-rbd.layer.web00000\n\tkind: rw\n"),
+        "{info}"
+    );
+    assert!(info.contains("\towner: host-a\n"), "{info}");
+    assert!(info.contains("\tparent 1: web00000-init (depth 0)\n\tparent 2: top00000 (depth 0)\n\tparent 3: base0000 (depth 0)\n"), "{info}");
+    let info = json(&f, &["info", "busybox:latest", "--pretty-format"]);
+    assert_eq!(info["layer"], TOP);
+    assert_eq!(info["provisioned"], 10 * GIB);
+    let info = json(&f, &["info", BASE]);
+    assert_eq!(info["used"], 1 << 20);
+
+    assert_eq!(
+        ok(&f, &["containers"]),
+        "\
+ID            NAME  IMAGE           STATE    OWNER   LAST HOST
+aaaa00000000  web   busybox:latest  running  host-a  host-a
+bbbb00000000  db    busybox:latest  stopped  -       host-b
+"
+    );
+    let cs = json(&f, &["containers"]);
+    assert_eq!(cs[1]["state"], "stopped");
+    assert_eq!(cs[1]["owner"], serde_json::Value::Null);
+
+    // The lease column counts from now: normalise it.
+    let hosts: String = ok(&f, &["hosts"])
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .map(|w| {
+            let w: Vec<&str> = w
+                .iter()
+                .map(|c| {
+                    if c.ends_with("s") && c.chars().next().unwrap().is_ascii_digit() {
+                        "Ns"
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            w.join(" ") + "\n"
+        })
+        .collect();
+    assert_eq!(
+        hosts,
+        "ID ADDRESS ALIVE LEASE CONTAINERS\nhost-a 10.0.0.1:0/1 no Ns ago web\nhost-b 10.0.0.2:0/2 no Ns ago -\n"
+    );
+    let hs = json(&f, &["hosts"]);
+    assert_eq!(hs[0]["lease_expires"], 1_700_000_030u64);
+    assert_eq!(hs[0]["alive"], false);
+    assert_eq!(hs[0]["containers"], serde_json::json!(["web"]));
+
+    // The web container's layer has a record but no RBD image here.
+    fails(
+        Some(&f),
+        &["lock", "ls", "web"],
+        2,
+        "docker-rbd: lock ls failed: (2) No such file or directory: lock of image docker-rbd.layer.web00000",
+    );
+}
+
+#[test]
+fn bad_input_is_one_line_with_errno() {
+    let Some(f) = build() else { return };
+    fails(
+        Some(&f),
+        &["info", "nosuchthing"],
+        2,
+        "docker-rbd: info failed: (2) No such file or directory: ",
+    );
+    fails(
+        Some(&f),
+        &["children", "nosuchthing"],
+        2,
+        "docker-rbd: children failed: (2) ",
+    );
+    fails(
+        Some(&f),
+        &["lock", "ls", "nosuchthing"],
+        2,
+        "docker-rbd: lock ls failed: (2) ",
+    );
+    fails(
+        Some(&f),
+        &["ls", "--format", "xml"],
+        22,
+        "docker-rbd: invalid arguments: (22) Invalid argument: invalid value 'xml'",
+    );
+    fails(
+        Some(&f),
+        &["ls", "--pretty-format"],
+        22,
+        "docker-rbd: ls failed: (22) Invalid argument: --pretty-format needs --format json",
+    );
+    fails(
+        None,
+        &[
+            "ls",
+            "-c",
+            f.env.conf.to_str().unwrap(),
+            "--id",
+            &f.env.id,
+            "-k",
+            "/nonexistent/keyring",
+        ],
+        2,
+        "docker-rbd: ls failed: (2) No such file or directory: ",
+    );
+    let conf = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(conf.path(), "[global]\nmon_host = 127.0.0.1:9\n").unwrap();
+    let start = std::time::Instant::now();
+    fails(
+        None,
+        &[
+            "ls",
+            "-c",
+            conf.path().to_str().unwrap(),
+            "-k",
+            f.env.keyring.to_str().unwrap(),
+            "--connect-timeout",
+            "2",
+        ],
+        110,
+        "docker-rbd: ls failed: (110) Connection timed out: ",
+    );
+    assert!(start.elapsed().as_secs() < 10);
+    // `docker rbd ...` passes `rbd` first; the metadata is JSON.
+    let meta = run(None, &["docker-cli-plugin-metadata"]);
+    let v: serde_json::Value = serde_json::from_str(&meta.stdout).unwrap();
+    assert_eq!(v["SchemaVersion"], "0.1.0");
+    assert_eq!(ok(&f, &["rbd", "ls"]).lines().count(), 6);
+}
+
+#[test]
+fn an_empty_fleet_prints_nothing_or_an_empty_list() {
+    let Some(f) = build() else { return };
+    let store = Store::new(f.ioctx.clone(), "docker-rbd.");
+    for t in ["layers", "hosts", "containers"] {
+        f.ioctx.remove(&format!("{}{t}", store.prefix())).unwrap();
+    }
+    for args in [
+        &["ls"][..],
+        &["ls", "-l"],
+        &["containers"],
+        &["hosts"],
+        &["tree"],
+    ] {
+        assert_eq!(ok(&f, args), "", "{args:?}");
+        assert_eq!(json(&f, args), serde_json::json!([]), "{args:?}");
+    }
+}
