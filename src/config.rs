@@ -99,6 +99,9 @@ pub struct Settings {
     /// `rbd.autotakeover`: `Get` of a container whose host died (lease
     /// lapsed) fences that host and takes the container over.
     pub auto_takeover: bool,
+    /// `rbd.sharedinit`: containers whose init layers hold the same files
+    /// share one init layer per image layer (no snapshot per container).
+    pub shared_init: bool,
 }
 
 /// One settings key: its name, its default (as text) and what it means.
@@ -192,6 +195,11 @@ pub const KEYS: &[Key] = &[
         name: "autotakeover",
         default: "false",
         doc: "starting a container whose host died fences that host and takes it over (`--auto-takeover`)",
+    },
+    Key {
+        name: "sharedinit",
+        default: "true",
+        doc: "containers whose init layers hold the same files share one per image layer (`--shared-init`)",
     },
 ];
 
@@ -421,11 +429,8 @@ impl RawSettings {
         };
         let lease_duration = r.take("leaseduration", "30", seconds);
         let lease_renew = r.take("leaserenew", "5", seconds);
-        let auto_takeover = r.take("autotakeover", "false", |v| match v {
-            "true" | "yes" | "1" => Ok(true),
-            "false" | "no" | "0" => Ok(false),
-            _ => Err(format!("{v:?} is not true or false")),
-        });
+        let auto_takeover = r.take("autotakeover", "false", parse_bool);
+        let shared_init = r.take("sharedinit", "true", parse_bool);
         if let (Some(duration), Some(renew)) = (lease_duration, lease_renew)
             && renew * 3 > duration
         {
@@ -450,6 +455,7 @@ impl RawSettings {
             naming,
             connect_timeout,
             (host_id, lease_duration, lease_renew, auto_takeover),
+            shared_init,
         ) {
             (
                 Some(pool),
@@ -461,6 +467,7 @@ impl RawSettings {
                 Some(naming),
                 Some(connect_timeout),
                 (Some(host_id), Some(lease_duration), Some(lease_renew), Some(auto_takeover)),
+                Some(shared_init),
             ) if r.problems.is_empty() => Ok(Settings {
                 ceph,
                 pool,
@@ -475,11 +482,20 @@ impl RawSettings {
                 lease_duration,
                 lease_renew,
                 auto_takeover,
+                shared_init,
             }),
             _ => Err(ConfigError::Invalid {
                 problems: r.problems,
             }),
         }
+    }
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v {
+        "true" | "yes" | "1" => Ok(true),
+        "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{v:?} is not true or false")),
     }
 }
 

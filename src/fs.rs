@@ -221,6 +221,46 @@ pub fn mount(device: &Path, target: &Path, spec: &MountSpec) -> Result<(), FsErr
     .map_err(sys("mount", target))
 }
 
+/// Mounts an overlay at `target`: `lower` read-only beneath, changes in
+/// `upper` (with `work`, on the same filesystem as `upper`). A path the
+/// overlay's option string cannot carry (`,`, `:`, `=`, `\\`) is refused
+/// with `EINVAL` before anything is mounted.
+pub fn mount_overlay(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), FsError> {
+    for dir in [lower, upper, work, target] {
+        if dir
+            .as_os_str()
+            .as_bytes()
+            .iter()
+            .any(|b| matches!(b, b',' | b':' | b'=' | b'\\'))
+        {
+            return Err(sys("overlay mount", dir)(nix::Error::EINVAL));
+        }
+    }
+    for dir in [upper, work, target] {
+        std::fs::create_dir_all(dir).map_err(|e| io_err("mkdir", dir, e))?;
+    }
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    tracing::debug!(target = %target.display(), %data, "overlay mount");
+    nix::mount::mount(
+        Some("docker-rbd-init"),
+        target,
+        Some("overlay"),
+        MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )
+    .map_err(sys("overlay mount", target))
+}
+
 /// Unmounts `target`, retrying briefly while it is busy (a process that just
 /// left the directory may still hold it for a moment).
 pub fn umount(target: &Path) -> Result<(), FsError> {

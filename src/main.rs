@@ -122,6 +122,9 @@ pub struct SettingsArgs {
     /// Take over containers whose host died when they are started (rbd.autotakeover).
     #[arg(long = "auto-takeover", value_name = "BOOL")]
     auto_takeover: Option<String>,
+    /// Share one init layer per image layer among containers (rbd.sharedinit).
+    #[arg(long = "shared-init", value_name = "BOOL")]
+    shared_init: Option<String>,
     /// Config file of `key = value` lines, same keys as --storage-opt.
     #[arg(long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -152,6 +155,7 @@ impl SettingsArgs {
             ("leaseduration", self.lease_duration.clone()),
             ("leaserenew", self.lease_renew.clone()),
             ("autotakeover", self.auto_takeover.clone()),
+            ("sharedinit", self.shared_init.clone()),
         ] {
             if let Some(value) = value {
                 flags.set(key, &value, Source::Flag);

@@ -64,6 +64,15 @@ impl LayerId {
         &self.0
     }
 
+    /// The id of the shared init layer over image layer `parent` holding
+    /// the init files whose fingerprint is `fingerprint`: `s` and 59 hex
+    /// digits of their SHA-256, then `-init`. Never a dockerd id (those are
+    /// 64 characters before `-init`), and the same on every host.
+    pub fn shared_init(parent: &LayerId, fingerprint: &str) -> Self {
+        let digest = crate::digest::sha256_hex(format!("{parent}\0{fingerprint}").as_bytes());
+        Self(format!("s{}-init", &digest[..59]))
+    }
+
     /// Whether this is a container `-init` layer.
     pub fn is_init(&self) -> bool {
         self.0.ends_with("-init")

@@ -69,6 +69,7 @@ fn layer(
         holders: set(holders),
         created_by: "host-a".into(),
         created_at: 1_700_000_000,
+        init: None,
     }
 }
 

@@ -22,7 +22,7 @@ use ceph_client::rbd::{self, Image};
 use ceph_client::{ConnectConfig, IoCtx, Rados};
 use docker_rbd::mapper::fuse::loopdev;
 use docker_rbd::names::Naming;
-use metadata::{LayerRecord, LayerState};
+use metadata::{LayerKind, LayerRecord, LayerState};
 use testkit::ceph::CephEnv;
 use testkit::daemon::Daemon;
 use testkit::dockerd::{Dockerd, DockerdConfig};
@@ -298,6 +298,8 @@ impl Fixture {
     /// The layer records once the plugin's background purges are done:
     /// none is `Removing`, or `Retired` (a parent kept only for a child
     /// being purged). Gives up after a minute and returns what is there.
+    /// Shared init layers, which live as long as their parent, are left
+    /// out, after checking that each one's parent is there.
     fn purged_layer_records(&self) -> BTreeMap<String, LayerRecord> {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -306,7 +308,19 @@ impl Fixture {
                 .values()
                 .any(|r| matches!(r.state, LayerState::Removing | LayerState::Retired));
             if !pending || std::time::Instant::now() > deadline {
-                return records;
+                for (id, r) in &records {
+                    if r.kind == LayerKind::SharedInit {
+                        let parent = r.parent.as_deref().unwrap_or_default();
+                        assert!(
+                            records.contains_key(parent),
+                            "shared init layer {id} outlived its parent {parent}: {records:?}"
+                        );
+                    }
+                }
+                return records
+                    .into_iter()
+                    .filter(|(_, r)| r.kind != LayerKind::SharedInit)
+                    .collect();
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -876,6 +890,19 @@ fn images_containers_and_diffs_through_dockerd() {
     );
     assert_eq!(init.kind, metadata::LayerKind::Init);
     assert_eq!(recs[rw_id].kind, metadata::LayerKind::ReadWrite);
+    // Its init layer is served by the image's shared init layer, which the
+    // container's own layer is a clone of.
+    let shared = init
+        .shared_init()
+        .unwrap_or_else(|| panic!("init layer of fresh is not shared: {init:?}"));
+    assert_eq!(recs[shared].kind, metadata::LayerKind::SharedInit);
+    assert_eq!(init.image, recs[shared].image);
+    let rw_parent = Image::open_read_only(&fx.ioctx, &rw_image, None)
+        .unwrap()
+        .parent()
+        .unwrap()
+        .expect("the container layer is a clone");
+    assert_eq!(rw_parent.image_name, recs[shared].image);
     fx.phase("exported a fresh container");
 
     // docker diff: the exact changes of a script.
@@ -1051,13 +1078,23 @@ fn images_containers_and_diffs_through_dockerd() {
         vec![import_id],
         "only the imported layer is left after rmi"
     );
+    // The imported layer's image, and those of the shared init layers over
+    // it (which live as long as it does), and nothing else.
     let images_now = fx.rbd_images();
+    let recorded: BTreeSet<String> = fx
+        .layer_records()
+        .into_values()
+        .filter(|r| r.owns_image())
+        .map(|r| r.image)
+        .collect();
+    assert!(recorded.contains(&import_rec.image));
     assert_eq!(
         images_now
             .iter()
             .filter(|i| !fx.naming.is_base_image(i))
-            .collect::<Vec<_>>(),
-        vec![&import_rec.image],
+            .cloned()
+            .collect::<BTreeSet<_>>(),
+        recorded,
         "RBD images after rmi: {images_now:?}"
     );
     let loaded = fx.ok(["load".as_ref(), "-i".as_ref(), save.as_os_str()]);
@@ -1547,14 +1584,12 @@ fn storage_opt_size(test: &str, fs: &str) {
     let sizes: Vec<(metadata::LayerKind, u64)> = fx
         .purged_layer_records()
         .values()
-        .filter(|r| r.kind != metadata::LayerKind::Image)
+        .filter(|r| r.kind == metadata::LayerKind::ReadWrite)
         .map(|r| (r.kind, r.size))
         .collect();
-    assert_eq!(
-        sizes.len(),
-        2,
-        "init and container layer of grown: {sizes:?}"
-    );
+    // The init layer is a shared one's (the image's size): only the
+    // container's own layer has the size asked for.
+    assert_eq!(sizes.len(), 1, "container layer of grown: {sizes:?}");
     assert!(
         sizes.iter().all(|(_, size)| *size == 2 << 30),
         "layer sizes of a size=2G container: {sizes:?}"
@@ -1637,7 +1672,7 @@ fn storage_opt_size(test: &str, fs: &str) {
         let limits: Vec<(u64, Option<u64>)> = fx
             .purged_layer_records()
             .values()
-            .filter(|r| r.kind != metadata::LayerKind::Image)
+            .filter(|r| r.kind == metadata::LayerKind::ReadWrite)
             .map(|r| (r.size, r.quota))
             .collect();
         let want = if fs == "xfs" {
@@ -1645,7 +1680,7 @@ fn storage_opt_size(test: &str, fs: &str) {
         } else {
             (64 << 20, None)
         };
-        assert_eq!(limits, vec![want, want], "init and container layer");
+        assert_eq!(limits, vec![want], "container layer");
         fx.ok(["rm", "small"]);
         fx.phase(&format!(
             "size=64M: dd stopped after {written} bytes, {again} bytes on the second start"

@@ -52,7 +52,7 @@ mod table;
 
 pub use record::{
     Blob, ContainerRecord, ContainerState, DockerImageRecord, DockerLayerRecord, DockerTagRecord,
-    HostRecord, LayerKind, LayerRecord, LayerState,
+    HostRecord, InitContent, LayerKind, LayerRecord, LayerState,
 };
 pub use table::{Record, Table, Versioned};
 

@@ -19,6 +19,29 @@ pub enum LayerKind {
     Init,
     /// A container's read-write layer.
     ReadWrite,
+    /// The files dockerd writes into a container's init layer, over one
+    /// image layer (its parent), shared by every container whose init layer
+    /// holds exactly the same: those containers' read-write layers are
+    /// clones of its snapshot. Kept while its parent is, so that starting a
+    /// container costs no snapshot.
+    SharedInit,
+}
+
+/// Where an init layer's files are (a container's `-init` layer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitContent {
+    /// Not written yet, and no image made: its first `Get` is an overlay
+    /// over its parent, and the `Put` after it checks what dockerd wrote
+    /// and serves the layer from a shared init layer (or makes it an image
+    /// of its own).
+    Pending,
+    /// In shared init layer `layer`, whose image [`LayerRecord::image`]
+    /// names: the layer has no image of its own.
+    Shared {
+        /// The shared init layer's id.
+        layer: String,
+    },
 }
 
 /// Where a layer is in its life.
@@ -65,6 +88,26 @@ pub struct LayerRecord {
     pub created_by: String,
     /// Creation time, seconds since the epoch.
     pub created_at: u64,
+    /// For a container's init layer without an image of its own: where its
+    /// files are. `None` for every layer with its own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitContent>,
+}
+
+impl LayerRecord {
+    /// Whether the layer's image is its own (a shared or pending init
+    /// layer has none: removing the layer removes only its record).
+    pub fn owns_image(&self) -> bool {
+        self.init.is_none()
+    }
+
+    /// The shared init layer serving this one, if any.
+    pub fn shared_init(&self) -> Option<&str> {
+        match &self.init {
+            Some(InitContent::Shared { layer }) => Some(layer),
+            _ => None,
+        }
+    }
 }
 
 impl Record for LayerRecord {}

@@ -45,6 +45,7 @@ pub fn kind_word(kind: LayerKind) -> &'static str {
         LayerKind::Image => "image",
         LayerKind::Init => "init",
         LayerKind::ReadWrite => "rw",
+        LayerKind::SharedInit => "shared-init",
     }
 }
 

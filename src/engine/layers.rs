@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use ceph_client::rbd::{self, Image, ImageOptions};
-use metadata::{LayerKind, LayerRecord, LayerState};
+use metadata::{InitContent, LayerKind, LayerRecord, LayerState};
 
 use super::{Engine, EngineError, Result, ceph, fs_err, now};
 use crate::config::FsType;
@@ -118,10 +118,23 @@ impl Engine {
                         reason: format!("cannot be a parent in state {:?}", prec.state),
                     });
                 }
+                if prec.init == Some(InitContent::Pending) {
+                    return Err(EngineError::Conflict {
+                        layer: p.to_string(),
+                        reason: "cannot be a parent before its init files are written (Get, Put)"
+                            .into(),
+                    });
+                }
                 self.seal(p, &prec)?;
                 (prec.image.clone(), prec.depth + 1, prec.size)
             }
         };
+        if opts.kind == LayerKind::Init
+            && self.settings.shared_init
+            && let Some(p) = &parent
+        {
+            return self.create_pending_init(&id, p, &self.record(p)?);
+        }
         let flatten = depth > self.settings.flatten_depth;
         // xfs cannot shrink: a limit below the parent's size is a quota.
         let quota = opts
@@ -153,6 +166,7 @@ impl Engine {
             holders: BTreeSet::from([self.host_id.clone()]),
             created_by: self.host_id.clone(),
             created_at: now(),
+            init: None,
         };
         let created = layers.create(id.as_str(), &record).map_err(|e| match e {
             metadata::Error::Exists { .. } => EngineError::Conflict {
@@ -308,8 +322,10 @@ impl Engine {
     }
 
     /// Whether layer `rec`'s snapshot has clones.
-    fn has_children(&self, id: &LayerId, rec: &LayerRecord) -> Result<bool> {
-        if !rec.sealed {
+    pub(crate) fn has_children(&self, id: &LayerId, rec: &LayerRecord) -> Result<bool> {
+        // A shared init layer's users have no image of their own: their
+        // read-write layers are children of the shared one.
+        if !rec.sealed || !rec.owns_image() {
             return Ok(false);
         }
         let snap = match Image::open_read_only(&self.ioctx, &rec.image, Some(SEALED_SNAP)) {
@@ -342,7 +358,7 @@ impl Engine {
         let id = Self::parse(id)?;
         let layers = self.store.layers();
         let Some(current) = layers.get(id.as_str())? else {
-            let _held = self.locks.lock(&[id.as_str()]);
+            let _held = self.lock_layer(&id)?;
             self.release_local(&id, true)?;
             self.remove_stray_image(&id)?;
             return Ok(None);
@@ -353,7 +369,7 @@ impl Engine {
             .as_deref()
             .map(LayerId::parse)
             .transpose()?;
-        let _held = self.locks.lock(&[id.as_str()]);
+        let _held = self.lock_layer(&id)?;
         self.release_local(&id, true)?;
         // Dropping the last holder and leaving `Created` are one
         // compare-and-set: a host adding itself as holder meanwhile
@@ -434,6 +450,10 @@ impl Engine {
     /// Marks a holder-less `Retired` layer `Removing` (compare-and-set),
     /// unless clones depend on it. Returns the marked record.
     fn mark_removing(&self, id: &LayerId, rec: LayerRecord) -> Result<Option<LayerRecord>> {
+        // Shared init layers over this layer live as long as it does.
+        if self.has_children(id, &rec)? && rec.kind == LayerKind::Image {
+            self.collect_shared_inits(id)?;
+        }
         if self.has_children(id, &rec)? {
             tracing::info!(layer = %id, "clones still depend on the layer; retired until they go");
             return Ok(None);
@@ -460,7 +480,22 @@ impl Engine {
     /// Removes the layer's snapshot and image (each absent is fine) and
     /// then its record.
     pub(crate) fn finish_removal(&self, id: &LayerId, rec: &LayerRecord) -> Result<()> {
-        match Image::open(&self.ioctx, &rec.image, None) {
+        // A layer that does not own its image (a shared init layer's user)
+        // is only a record.
+        if rec.owns_image() {
+            self.remove_layer_image(id, &rec.image)?;
+        }
+        let layers = self.store.layers();
+        if let Some(current) = layers.get(id.as_str())? {
+            layers.delete(id.as_str(), &current)?;
+        }
+        tracing::info!(layer = %id, image = %rec.image, "layer removed");
+        Ok(())
+    }
+
+    /// Removes a layer's snapshot and image, each absent being fine.
+    pub(crate) fn remove_layer_image(&self, id: &LayerId, image: &str) -> Result<()> {
+        match Image::open(&self.ioctx, image, None) {
             Ok(img) => {
                 match img.snap_remove(SEALED_SNAP) {
                     Ok(()) => {}
@@ -468,7 +503,7 @@ impl Engine {
                     Err(e) => return Err(ceph("remove snapshot", id)(e)),
                 }
                 drop(img);
-                match rbd::remove(&self.ioctx, &rec.image) {
+                match rbd::remove(&self.ioctx, image) {
                     Ok(()) => {}
                     Err(e) if e.is_not_found() => {}
                     Err(e) if e.is_busy() => {
@@ -483,11 +518,6 @@ impl Engine {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(ceph("open", id)(e)),
         }
-        let layers = self.store.layers();
-        if let Some(current) = layers.get(id.as_str())? {
-            layers.delete(id.as_str(), &current)?;
-        }
-        tracing::info!(layer = %id, image = %rec.image, "layer removed");
         Ok(())
     }
 
@@ -510,6 +540,7 @@ impl Engine {
                     holders: BTreeSet::new(),
                     created_by: String::new(),
                     created_at: 0,
+                    init: None,
                 };
                 if self.has_children(id, &stray)? {
                     tracing::warn!(layer = %id, "unrecorded image has clones; leaving it for fsck");

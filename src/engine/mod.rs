@@ -27,6 +27,7 @@
 //! image's RADOS lock serialise what must be serialised.
 
 pub mod base;
+mod init;
 pub mod layers;
 pub mod lease;
 mod locks;

@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use metadata::LayerState;
+use metadata::{InitContent, LayerState};
 use serde::{Deserialize, Serialize};
 
 use super::{Engine, EngineError, Result, fs_err, mapper_err};
@@ -50,6 +50,39 @@ pub struct MountRecord {
     pub device: Option<MappedDevice>,
     /// Where it is mounted.
     pub mountpoint: PathBuf,
+    /// For an init layer without an image of its own: the layer whose
+    /// mount serves it. `None`: the layer's own image is mapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<MountOn>,
+}
+
+/// How an init layer without an image of its own is mounted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountOn {
+    /// Served read-only by the mount of shared init layer `layer`.
+    Layer {
+        /// The shared init layer.
+        layer: String,
+    },
+    /// A pending init layer being written: an overlay over the mount of
+    /// its parent `lower`, dockerd's writes going to `upper`.
+    Overlay {
+        /// The parent layer.
+        lower: String,
+        /// The overlay's upper directory (beside its work directory).
+        upper: PathBuf,
+    },
+}
+
+impl MountOn {
+    /// The layer whose mount this one uses.
+    pub fn layer(&self) -> &str {
+        match self {
+            MountOn::Layer { layer } => layer,
+            MountOn::Overlay { lower, .. } => lower,
+        }
+    }
 }
 
 /// How long an unmap waits for a device that is still busy.
@@ -67,7 +100,7 @@ impl Engine {
     #[tracing::instrument(skip(self))]
     pub fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf> {
         let id = Self::parse(id)?;
-        let _held = self.locks.lock(&[id.as_str()]);
+        let _held = self.lock_layer(&id)?;
         self.get_locked(&id, mount_label, false)
     }
 
@@ -76,7 +109,7 @@ impl Engine {
     #[tracing::instrument(skip(self))]
     pub fn put(&self, id: &str) -> Result<()> {
         let id = Self::parse(id)?;
-        let _held = self.locks.lock(&[id.as_str()]);
+        let _held = self.lock_layer(&id)?;
         let Some(mut m) = self.local.get(&MOUNTS, id.as_str())? else {
             tracing::warn!("put of a layer that is not mounted");
             return Ok(());
@@ -85,6 +118,12 @@ impl Engine {
             m.refcount -= 1;
             self.local.put(&MOUNTS, id.as_str(), &m)?;
             return Ok(());
+        }
+        if m.state == MountState::Mounted
+            && let Some(MountOn::Overlay { lower, upper }) = &m.on
+        {
+            // dockerd has written the init layer's files.
+            return self.finish_pending_init(&id, &m, lower, upper);
         }
         self.release(&id, &m)
     }
@@ -109,7 +148,10 @@ impl Engine {
             if m.state == MountState::Mounted {
                 m.refcount += 1;
                 self.local.put(&MOUNTS, id.as_str(), &m)?;
-                return Ok(rootfs);
+                return Ok(match &m.on {
+                    Some(MountOn::Layer { layer }) => self.rootfs_path(&LayerId::parse(layer)?),
+                    _ => rootfs,
+                });
             }
             tracing::warn!(state = ?m.state, "clearing a half-made mount");
             self.release(id, &m)?;
@@ -123,6 +165,13 @@ impl Engine {
                 reason: format!("cannot be mounted in state {:?}", rec.state),
             });
         }
+        match &rec.init {
+            Some(InitContent::Pending) => return self.get_pending_init(id, &rec, mount_label),
+            Some(InitContent::Shared { layer }) => {
+                return self.get_shared_init_user(id, &rec, layer, mount_label);
+            }
+            None => {}
+        }
         let mut m = MountRecord {
             v: 1,
             state: MountState::Mapping,
@@ -131,6 +180,7 @@ impl Engine {
             read_only: rec.sealed,
             device: None,
             mountpoint: mountpoint.clone(),
+            on: None,
         };
         self.local.put(&MOUNTS, id.as_str(), &m)?;
         let mut request = MapRequest::new(
@@ -186,7 +236,17 @@ impl Engine {
     }
 
     /// Unmounts and unmaps whatever `m` says exists, then forgets it.
-    fn release(&self, id: &LayerId, m: &MountRecord) -> Result<()> {
+    pub(crate) fn release(&self, id: &LayerId, m: &MountRecord) -> Result<()> {
+        match &m.on {
+            Some(MountOn::Layer { layer }) => {
+                self.local.remove(&MOUNTS, id.as_str())?;
+                return self.put_locked(&LayerId::parse(layer)?);
+            }
+            Some(MountOn::Overlay { lower, upper }) => {
+                return self.drop_overlay(id, m, lower, upper);
+            }
+            None => {}
+        }
         if fs::is_mounted(&m.mountpoint) {
             fs::umount(&m.mountpoint).map_err(fs_err("umount", id))?;
         }
@@ -306,7 +366,7 @@ impl Engine {
         result.and(put)
     }
 
-    fn put_locked(&self, id: &LayerId) -> Result<()> {
+    pub(crate) fn put_locked(&self, id: &LayerId) -> Result<()> {
         match self.local.get(&MOUNTS, id.as_str())? {
             Some(mut m) if m.state == MountState::Mounted && m.refcount > 1 => {
                 m.refcount -= 1;
@@ -327,7 +387,12 @@ impl Engine {
                 return;
             }
         };
-        for (key, row) in rows {
+        // Layers served by another layer's mount come last, once it is
+        // known whether that mount was adopted.
+        let (own, served): (Vec<_>, Vec<_>) = rows
+            .into_iter()
+            .partition(|(_, row)| row.as_ref().map_or(true, |m| m.on.is_none()));
+        for (key, row) in own.into_iter().chain(served) {
             let Ok(id) = LayerId::parse(&key) else {
                 tracing::warn!(%key, "dropping a mount record with an invalid id");
                 let _ = self.local.remove(&MOUNTS, &key);
@@ -341,7 +406,19 @@ impl Engine {
                     continue;
                 }
             };
-            if m.state == MountState::Mounted && self.still_mounted(&m) {
+            if let Some(MountOn::Layer { layer }) = &m.on
+                && m.state == MountState::Mounted
+                && self
+                    .local
+                    .get(&MOUNTS, layer)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|served| served.state == MountState::Mounted)
+            {
+                tracing::info!(layer = %id, shared_init = %layer, refcount = m.refcount, "adopted a use of a shared init layer's mount");
+                continue;
+            }
+            if m.on.is_none() && m.state == MountState::Mounted && self.still_mounted(&m) {
                 tracing::info!(layer = %id, refcount = m.refcount, "adopted a mount left by the previous daemon");
                 continue;
             }
