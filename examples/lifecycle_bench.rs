@@ -9,7 +9,9 @@
 //! - `docker run --rm --network none IMG true` (the whole lifecycle);
 //! - `docker run -d` until the container runs, then `docker rm -f`, apart;
 //!
-//! and prints median, min and max of each, with the ratio to overlay2.
+//! and prints median, min and max of each, with the ratio to overlay2;
+//! then, for docker-rbd, where one `docker run --rm` spends its time in the
+//! plugin: each graphdriver request's median from the plugin's own log.
 //!
 //! ```text
 //! scripts/bench lifecycle      # or, by hand:
@@ -146,6 +148,57 @@ fn measure(d: &Dockerd, rounds: usize) -> Result<Row> {
     })
 }
 
+/// Runs `docker run --rm` `rounds` times more on docker-rbd and prints,
+/// per graphdriver request, how many one run makes and their median time,
+/// from the plugin's `request done` log lines.
+fn breakdown(host: &testkit::fleet::FleetHost, rounds: usize) -> Result<()> {
+    let before = host.plugin_log().len();
+    let t = Instant::now();
+    for _ in 0..rounds {
+        docker(
+            host.dockerd(),
+            &["run", "--rm", "--network", "none", "bench:1", "true"],
+        )?;
+    }
+    let wall = t.elapsed().as_secs_f64() * 1000.0 / rounds as f64;
+    let log = host.plugin_log();
+    let mut by_method: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for line in log.get(before..).unwrap_or_default().lines() {
+        if !line.contains("request done") {
+            continue;
+        }
+        let field = |name: &str| {
+            line.split(name)
+                .nth(1)
+                .and_then(|rest| rest.split(|c: char| c == ' ' || c == '}' || c == '"').find(|s| !s.is_empty()))
+                .map(str::to_string)
+        };
+        if let (Some(method), Some(ms)) = (field("method=GraphDriver."), field("elapsed_ms=")) {
+            if let Ok(ms) = ms.parse::<f64>() {
+                by_method.entry(method).or_default().push(ms);
+            }
+        }
+    }
+    println!("docker-rbd plugin time per `docker run --rm` ({rounds} runs, {wall:.0} ms each):");
+    println!("{:<18} {:>8} {:>10} {:>12}", "request", "per run", "median ms", "ms per run");
+    let mut total = 0.0;
+    for (method, mut times) in by_method {
+        times.sort_by(f64::total_cmp);
+        let per_run = times.len() as f64 / rounds as f64;
+        let sum: f64 = times.iter().sum::<f64>() / rounds as f64;
+        total += sum;
+        println!(
+            "{:<18} {:>8.1} {:>10.1} {:>12.1}",
+            method,
+            per_run,
+            times[times.len() / 2],
+            sum
+        );
+    }
+    println!("{:<18} {:>8} {:>10} {:>12.1}", "all", "", "", total);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = args()?;
     // SAFETY: set before any thread starts; testkit reads it to fail
@@ -217,6 +270,7 @@ fn main() -> Result<()> {
         );
     }
     println!("(xN: median against overlay2's in the same run)");
+    breakdown(&rbd, args.rounds)?;
     drop(rbd);
     drop(fleet);
     Ok(())
