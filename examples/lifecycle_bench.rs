@@ -170,17 +170,20 @@ fn breakdown(host: &testkit::fleet::FleetHost, rounds: usize) -> Result<()> {
         let field = |name: &str| {
             line.split(name)
                 .nth(1)
-                .and_then(|rest| rest.split(|c: char| c == ' ' || c == '}' || c == '"').find(|s| !s.is_empty()))
+                .and_then(|rest| rest.split([' ', '}', '"']).find(|s| !s.is_empty()))
                 .map(str::to_string)
         };
-        if let (Some(method), Some(ms)) = (field("method=GraphDriver."), field("elapsed_ms=")) {
-            if let Ok(ms) = ms.parse::<f64>() {
-                by_method.entry(method).or_default().push(ms);
-            }
+        if let (Some(method), Some(ms)) = (field("method=GraphDriver."), field("elapsed_ms="))
+            && let Ok(ms) = ms.parse::<f64>()
+        {
+            by_method.entry(method).or_default().push(ms);
         }
     }
     println!("docker-rbd plugin time per `docker run --rm` ({rounds} runs, {wall:.0} ms each):");
-    println!("{:<18} {:>8} {:>10} {:>12}", "request", "per run", "median ms", "ms per run");
+    println!(
+        "{:<18} {:>8} {:>10} {:>12}",
+        "request", "per run", "median ms", "ms per run"
+    );
     let mut total = 0.0;
     for (method, mut times) in by_method {
         times.sort_by(f64::total_cmp);

@@ -556,6 +556,10 @@ impl Settings {
             ("Filesystem".into(), self.fs.to_string()),
             ("Base Size".into(), format_size(self.base_size)),
             ("Flatten Depth".into(), self.flatten_depth.to_string()),
+            (
+                "Shared Init".into(),
+                if self.shared_init { "on" } else { "off" }.into(),
+            ),
             ("Image Prefix".into(), self.naming.prefix().to_string()),
             (
                 "Lease".into(),

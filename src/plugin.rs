@@ -462,7 +462,14 @@ impl GraphDriver for RbdPlugin {
         let mut status = engine.settings().describe();
         status.push(("Mapper".into(), engine.mapper().kind().to_string()));
         status.push(("Host".into(), engine.host_id().to_string()));
-        status.push(("Layers".into(), engine.list()?.len().to_string()));
+        // Docker's layers; the shared init layers serving its init layers
+        // are the driver's own.
+        let (shared, layers): (Vec<_>, Vec<_>) = engine
+            .list()?
+            .into_iter()
+            .partition(|l| l.record.kind == LayerKind::SharedInit);
+        status.push(("Layers".into(), layers.len().to_string()));
+        status.push(("Shared Init Layers".into(), shared.len().to_string()));
         status.push(("Mounted Layers".into(), engine.mounts()?.len().to_string()));
         if engine.lease_lost() {
             status.push(("Lease".into(), "LOST: renewals are failing".into()));

@@ -743,3 +743,167 @@ fn a_removal_is_recorded_at_once_and_purged_later_or_after_a_crash() {
     engine.remove(&rw).unwrap();
     assert!(engine.list().unwrap().is_empty());
 }
+
+fn init_layer() -> CreateOptions {
+    CreateOptions {
+        kind: LayerKind::Init,
+        size: None,
+        mount_label: String::new(),
+    }
+}
+
+/// Writes what dockerd's init step writes into an init layer's root,
+/// plus `/etc/hostname` holding `hostname` when given.
+fn write_init_files(root: &std::path::Path, hostname: Option<&str>) {
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("dev/pts")).unwrap();
+    std::fs::write(root.join("etc/hosts"), b"").unwrap();
+    std::fs::write(root.join("etc/resolv.conf"), b"").unwrap();
+    std::fs::write(root.join("dev/console"), b"").unwrap();
+    std::fs::write(root.join(".dockerenv"), b"").unwrap();
+    std::os::unix::fs::symlink("/proc/mounts", root.join("etc/mtab")).unwrap();
+    if let Some(name) = hostname {
+        std::fs::write(root.join("etc/hostname"), name).unwrap();
+    }
+}
+
+#[test]
+fn init_layers_with_the_same_files_share_one_sealed_layer_and_others_do_not() {
+    let Some(fx) = Fixture::new("init_layers_share_one_sealed_layer", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let image = hex(61);
+    engine.create(&image, "", &image_layer()).unwrap();
+    let root = engine.get(&image, "").unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/passwd"), b"root:x:0:0::/root:/bin/sh\n").unwrap();
+    engine.put(&image).unwrap();
+
+    let make_init = |n: u32, hostname: Option<&str>| {
+        let id = format!("{}-init", hex(n));
+        engine.create(&id, &image, &init_layer()).unwrap();
+        let rec = fx.record(&engine, &id).unwrap();
+        assert_eq!(rec.init, Some(metadata::InitContent::Pending));
+        assert!(
+            !fx.images().contains(&rec.image),
+            "a pending init layer has no image"
+        );
+        let root = engine.get(&id, "").unwrap();
+        assert_eq!(
+            std::fs::read(root.join("etc/passwd")).unwrap(),
+            b"root:x:0:0::/root:/bin/sh\n",
+            "the overlay shows the parent"
+        );
+        write_init_files(&root, hostname);
+        engine.put(&id).unwrap();
+        assert!(engine.mounts().unwrap().is_empty(), "nothing stays mounted");
+        id
+    };
+    let a = make_init(62, None);
+    let b = make_init(63, None);
+    let c = make_init(64, Some("other"));
+    let shared = |engine: &Engine, id: &str| {
+        let rec = fx.record(engine, id).unwrap();
+        rec.shared_init()
+            .unwrap_or_else(|| panic!("{id} is not served by a shared init layer: {rec:?}"))
+            .to_string()
+    };
+    assert_eq!(
+        shared(&engine, &a),
+        shared(&engine, &b),
+        "same files: one shared init layer"
+    );
+    assert_ne!(
+        shared(&engine, &a),
+        shared(&engine, &c),
+        "other files: another one"
+    );
+    let s = fx.record(&engine, &shared(&engine, &a)).unwrap();
+    assert_eq!(s.kind, LayerKind::SharedInit);
+    assert!(s.sealed && s.state == LayerState::Created);
+    assert_eq!(s.parent.as_deref(), Some(image.as_str()));
+    let layer_images: Vec<_> = fx
+        .images()
+        .into_iter()
+        .filter(|i| !fx.settings.naming.is_base_image(i))
+        .collect();
+    assert_eq!(
+        layer_images.len(),
+        3,
+        "the image layer and two shared init layers: {layer_images:?}"
+    );
+
+    // A container layer over `a` is a clone of the shared layer: it sees
+    // the init files, and its changes against `a` are its own only.
+    let rw = hex(65);
+    engine.create(&rw, &a, &rw_layer(None)).unwrap();
+    let rw_root = engine.get(&rw, "").unwrap();
+    assert!(rw_root.join(".dockerenv").exists());
+    assert_eq!(
+        std::fs::read_link(rw_root.join("etc/mtab")).unwrap(),
+        std::path::Path::new("/proc/mounts")
+    );
+    std::fs::write(rw_root.join("written"), b"by the container").unwrap();
+    let init_root = engine.get(&a, "").unwrap();
+    let changes = graphdriver_api::diff::changes_dirs(&rw_root, Some(&init_root)).unwrap();
+    let paths: Vec<_> = changes
+        .iter()
+        .map(|c| c.path.display().to_string())
+        .collect();
+    assert_eq!(paths, ["/written"], "{changes:?}");
+    assert_eq!(
+        std::fs::read_to_string(init_root.join("etc/hostname")).ok(),
+        None,
+        "a's init files are a's"
+    );
+    engine.put(&a).unwrap();
+    engine.put(&rw).unwrap();
+
+    // A daemon killed while dockerd writes an init layer: the restarted
+    // one drops the overlay and the parent's mount; the layer stays
+    // pending and works on the next Get.
+    let d = format!("{}-init", hex(66));
+    engine.create(&d, &image, &init_layer()).unwrap();
+    let root = engine.get(&d, "").unwrap();
+    write_init_files(&root, None);
+    drop(engine);
+    let engine = fx.engine();
+    assert!(engine.mounts().unwrap().is_empty(), "{:?}", engine.mounts());
+    assert!(!docker_rbd::fs::is_mounted(&root));
+    assert_eq!(
+        fx.record(&engine, &d).unwrap().init,
+        Some(metadata::InitContent::Pending)
+    );
+    let root = engine.get(&d, "").unwrap();
+    write_init_files(&root, None);
+    engine.put(&d).unwrap();
+    assert_eq!(
+        fx.record(&engine, &d).unwrap().shared_init(),
+        Some(shared(&engine, &a).as_str())
+    );
+
+    // Removing init layers removes records only; the shared layers go with
+    // the image layer.
+    for id in [&rw, &a, &b, &c, &d] {
+        engine.remove(id).unwrap();
+        assert!(fx.record(&engine, id).is_none(), "{id} removed");
+    }
+    assert_eq!(
+        fx.images()
+            .into_iter()
+            .filter(|i| !fx.settings.naming.is_base_image(i))
+            .count(),
+        3,
+        "shared init layers stay while their image layer does"
+    );
+    engine.remove(&image).unwrap();
+    let left: Vec<_> = engine.list().unwrap().into_iter().map(|l| l.id).collect();
+    assert!(left.is_empty(), "records left: {left:?}");
+    let images: Vec<_> = fx
+        .images()
+        .into_iter()
+        .filter(|i| !fx.settings.naming.is_base_image(i))
+        .collect();
+    assert!(images.is_empty(), "images left: {images:?}");
+}

@@ -129,12 +129,6 @@ impl Engine {
                 (prec.image.clone(), prec.depth + 1, prec.size)
             }
         };
-        if opts.kind == LayerKind::Init
-            && self.settings.shared_init
-            && let Some(p) = &parent
-        {
-            return self.create_pending_init(&id, p, &self.record(p)?);
-        }
         let flatten = depth > self.settings.flatten_depth;
         // xfs cannot shrink: a limit below the parent's size is a quota.
         let quota = opts
@@ -152,6 +146,15 @@ impl Engine {
                     crate::units::format_size(source_size)
                 ),
             });
+        }
+        // After the size checks: dockerd passes the container's storage
+        // options to its init layer too, and does not remove the init layer
+        // when the container's own layer is then refused.
+        if opts.kind == LayerKind::Init
+            && self.settings.shared_init
+            && let Some(p) = &parent
+        {
+            return self.create_pending_init(&id, p, &self.record(p)?);
         }
         let image = self.settings.naming.layer_image(&id);
         let record = LayerRecord {
