@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use docker_rbd::config::{RawSettings, Source};
 use docker_rbd::plugin::RbdPlugin;
 use graphdriver_api::{ServerConfig, SocketGroup};
@@ -15,6 +15,9 @@ mod cli;
 #[derive(Parser)]
 #[command(name = "docker-rbd", version, about)]
 struct Cli {
+    /// The `rbd` tool's global options, also accepted after the command.
+    #[command(flatten)]
+    global: cli::Common,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,6 +49,15 @@ enum Command {
     /// Provisioned and used bytes of layers, with a total row.
     #[command(visible_alias = "disk-usage")]
     Du(cli::fleet::DuArgs),
+    /// Check the fleet: images without records, records without images,
+    /// dangling parents, stale leases, stuck layers; exits 1 on a problem.
+    Fsck(cli::repair::FsckArgs),
+    /// Remove what fsck finds safe to remove, checking each again first.
+    Gc(cli::repair::GcArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion(CompletionArgs),
+    /// Print the man page (roff), e.g. `docker-rbd man > docker-rbd.1`.
+    Man,
     /// Metadata for the Docker CLI, so `docker rbd ...` runs docker-rbd.
     #[command(name = "docker-cli-plugin-metadata", hide = true)]
     DockerCliPluginMetadata,
@@ -59,9 +71,37 @@ enum LockCommand {
 }
 
 #[derive(Args)]
+struct CompletionArgs {
+    /// The shell.
+    shell: clap_complete::Shell,
+}
+
+impl Command {
+    /// The global options of a command that takes them all.
+    fn common_mut(&mut self) -> Option<&mut cli::Common> {
+        Some(match self {
+            Command::Takeover(a) => &mut a.common,
+            Command::Ls(a) => &mut a.common,
+            Command::Info(a) => &mut a.common,
+            Command::Containers(a) | Command::Hosts(a) => &mut a.common,
+            Command::Lock(LockCommand::Ls(a)) => &mut a.common,
+            Command::Tree(a) => &mut a.common,
+            Command::Children(a) => &mut a.common,
+            Command::Du(a) => &mut a.common,
+            Command::Fsck(a) => &mut a.common,
+            Command::Gc(a) => &mut a.common,
+            Command::Serve(_)
+            | Command::Completion(_)
+            | Command::Man
+            | Command::DockerCliPluginMetadata => return None,
+        })
+    }
+}
+
+#[derive(Args)]
 struct TakeoverArgs {
     #[command(flatten)]
-    settings: SettingsArgs,
+    common: cli::Common,
     /// Take it over even while the owner's lease is live. DANGEROUS: if
     /// that host is in fact running the container, it is fenced mid-write
     /// and the container dies with I/O errors there. See docs/fleet.md.
@@ -131,6 +171,37 @@ pub struct SettingsArgs {
 }
 
 impl SettingsArgs {
+    /// Takes each setting not given here from `outer` (the options given
+    /// before the command's name).
+    pub fn inherit(&mut self, outer: &SettingsArgs) {
+        macro_rules! fill {
+            ($($field:ident),*) => {$(
+                if self.$field.is_none() {
+                    self.$field.clone_from(&outer.$field);
+                }
+            )*};
+        }
+        fill!(
+            conf,
+            id,
+            keyring,
+            cluster,
+            pool,
+            namespace,
+            fs,
+            basesize,
+            mapper,
+            flatten_depth,
+            image_prefix,
+            connect_timeout,
+            host_id,
+            lease_duration,
+            lease_renew,
+            auto_takeover,
+            config
+        );
+    }
+
     pub fn raw(&self) -> Result<RawSettings> {
         let mut raw = match &self.config {
             Some(path) => RawSettings::from_file(path)?,
@@ -220,7 +291,7 @@ fn main() -> Result<()> {
     if argv.get(1).is_some_and(|a| a == "rbd") {
         argv.remove(1);
     }
-    let cli = match Cli::try_parse_from(&argv) {
+    let mut cli = match Cli::try_parse_from(&argv) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
@@ -230,14 +301,16 @@ fn main() -> Result<()> {
                 .next()
                 .unwrap_or_default()
                 .trim_start_matches("error: ");
-            eprintln!(
-                "docker-rbd: invalid arguments: ({}) {}: {first}",
-                libc::EINVAL,
-                cli::strerror(libc::EINVAL)
-            );
-            std::process::exit(libc::EINVAL);
+            usage_error(first)
         }
     };
+    match cli.command.common_mut() {
+        Some(common) => common.inherit(&cli.global),
+        None if cli.global.has_cli_only() => {
+            usage_error("-n/--name, -m/--mon_host and --format are not options of this command")
+        }
+        None => {}
+    }
     let inspect = |action: &str, r: Result<()>| -> Result<()> {
         match r {
             Ok(()) => Ok(()),
@@ -245,13 +318,14 @@ fn main() -> Result<()> {
         }
     };
     match cli.command {
-        Command::Serve(args) => {
+        Command::Serve(mut args) => {
+            args.settings.inherit(&cli.global.settings);
             init_logging();
             serve(args)
         }
         Command::Takeover(args) => {
             init_logging();
-            takeover(args)
+            inspect("takeover", takeover(args))
         }
         Command::Ls(args) => inspect("ls", cli::layers::ls(&args)),
         Command::Info(args) => inspect("info", cli::layers::info(&args)),
@@ -261,11 +335,36 @@ fn main() -> Result<()> {
         Command::Tree(args) => inspect("tree", cli::layers::tree(&args)),
         Command::Children(args) => inspect("children", cli::fleet::children(&args)),
         Command::Du(args) => inspect("du", cli::fleet::du(&args)),
+        Command::Fsck(args) => inspect("fsck", cli::repair::fsck(&args)),
+        Command::Gc(args) => inspect("gc", cli::repair::gc(&args)),
+        Command::Completion(args) => {
+            let mut text = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "docker-rbd", &mut text);
+            inspect("completion", cli::emit(&String::from_utf8_lossy(&text)))
+        }
+        Command::Man => {
+            let mut text = Vec::new();
+            let rendered = clap_mangen::Man::new(Cli::command())
+                .render(&mut text)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| cli::emit(&String::from_utf8_lossy(&text)));
+            inspect("man", rendered)
+        }
         Command::DockerCliPluginMetadata => cli::emit(&format!(
             "{{\"SchemaVersion\":\"0.1.0\",\"Vendor\":\"docker-rbd\",\"Version\":\"{}\",\"ShortDescription\":\"Inspect the docker-rbd fleet on Ceph RBD\"}}\n",
             env!("CARGO_PKG_VERSION")
         )),
     }
+}
+
+/// Prints `docker-rbd: invalid arguments: (22) ...: <what>` and exits 22.
+fn usage_error(what: &str) -> ! {
+    eprintln!(
+        "docker-rbd: invalid arguments: ({}) {}: {what}",
+        libc::EINVAL,
+        cli::strerror(libc::EINVAL)
+    );
+    std::process::exit(libc::EINVAL);
 }
 
 fn init_logging() {
@@ -277,16 +376,19 @@ fn init_logging() {
         .init();
 }
 
+/// What `takeover` did, as printed with `--format json`.
+#[derive(serde::Serialize)]
+struct TakeoverRow {
+    container: String,
+    name: String,
+    from: Option<String>,
+    to: String,
+    fenced: Vec<String>,
+}
+
 fn takeover(args: TakeoverArgs) -> Result<()> {
-    let settings = args
-        .settings
-        .raw()
-        .context("invalid settings")?
-        .resolve()
-        .context("invalid settings")?;
-    let (rados, ioctx) = docker_rbd::engine::connect(&settings)?;
-    let store = metadata::Store::new(ioctx, settings.naming.metadata_prefix());
-    let me = docker_rbd::engine::host_id_of(&settings);
+    let conn = cli::Conn::open(&args.common)?;
+    let me = docker_rbd::engine::host_id_of(&conn.settings);
     if args.force {
         eprintln!(
             "WARNING: --force takes the container over even if its host is alive. If that host \
@@ -294,33 +396,42 @@ fn takeover(args: TakeoverArgs) -> Result<()> {
         );
     }
     let cluster = docker_rbd::fleet::takeover::Cluster {
-        rados: &rados,
-        store: &store,
-        naming: &settings.naming,
+        rados: &conn.rados,
+        store: &conn.store,
+        naming: &conn.settings.naming,
     };
     let done = docker_rbd::fleet::takeover::takeover(&cluster, &me, &args.container, args.force)
-        .with_context(|| format!("takeover of container {:?} failed", args.container))?;
-    match &done.from {
-        Some(from) => println!(
-            "took over container {} ({}) from host {from} for host {me}; fenced: {}",
-            done.container,
-            done.name,
-            if done.fenced.is_empty() {
-                "nothing held its lock".to_string()
-            } else {
-                done.fenced.join(", ")
-            }
-        ),
-        None => println!(
-            "container {} ({}) is not in use on another host: nothing to take over",
-            done.container, done.name
-        ),
-    }
-    println!(
-        "start it here with `docker start {}` (restart dockerd first if it does not list it)",
-        done.name
-    );
-    Ok(())
+        .with_context(|| format!("takeover of container {:?}", args.container))?;
+    let row = TakeoverRow {
+        container: done.container,
+        name: done.name,
+        from: done.from,
+        to: me,
+        fenced: done.fenced,
+    };
+    cli::output(&args.common, &row, false, || {
+        let first = match &row.from {
+            Some(from) => format!(
+                "took over container {} ({}) from host {from} for host {}; fenced: {}",
+                row.container,
+                row.name,
+                row.to,
+                if row.fenced.is_empty() {
+                    "nothing held its lock".to_string()
+                } else {
+                    row.fenced.join(", ")
+                }
+            ),
+            None => format!(
+                "container {} ({}) is not in use on another host: nothing to take over",
+                row.container, row.name
+            ),
+        };
+        format!(
+            "{first}\nstart it here with `docker start {}` (restart dockerd first if it does not list it)\n",
+            row.name
+        )
+    })
 }
 
 fn serve(args: ServeArgs) -> Result<()> {

@@ -7,6 +7,7 @@
 
 pub mod fleet;
 pub mod layers;
+pub mod repair;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -31,17 +32,76 @@ pub enum Format {
     Json,
 }
 
-/// Options every inspection command takes.
-#[derive(Args)]
+/// The options of the `rbd` tool every command takes, before or after
+/// the command's name (`docker-rbd -p rbd ls` and `docker-rbd ls -p rbd`),
+/// plus the output format.
+#[derive(Args, Default)]
 pub struct Common {
     #[command(flatten)]
     pub settings: SettingsArgs,
-    /// Output format.
-    #[arg(long = "format", value_enum, default_value = "plain")]
-    pub format: Format,
+    /// Full cephx name, `client.<id>` (the same as --id <id>).
+    #[arg(short = 'n', long = "name", value_name = "client.ID")]
+    pub client_name: Option<String>,
+    /// Monitor address(es), overriding the conf file's mon_host.
+    #[arg(
+        short = 'm',
+        long = "mon_host",
+        visible_alias = "mon-host",
+        value_name = "ADDR"
+    )]
+    pub mon_host: Option<String>,
+    /// Output format [default: plain].
+    #[arg(long = "format", value_enum)]
+    pub format: Option<Format>,
     /// Indent JSON output (only with --format json).
     #[arg(long = "pretty-format")]
     pub pretty: bool,
+}
+
+impl Common {
+    /// Takes what was given only before the command's name from `outer`
+    /// (an option after the name wins).
+    pub fn inherit(&mut self, outer: &Common) {
+        self.settings.inherit(&outer.settings);
+        if self.client_name.is_none() {
+            self.client_name.clone_from(&outer.client_name);
+        }
+        if self.mon_host.is_none() {
+            self.mon_host.clone_from(&outer.mon_host);
+        }
+        self.format = self.format.or(outer.format);
+        self.pretty |= outer.pretty;
+    }
+
+    /// The output format.
+    pub fn format(&self) -> Format {
+        self.format.unwrap_or_default()
+    }
+
+    /// Whether anything but Ceph and driver settings was given (which a
+    /// command without output or cephx name would ignore).
+    pub fn has_cli_only(&self) -> bool {
+        self.client_name.is_some()
+            || self.mon_host.is_some()
+            || self.format.is_some()
+            || self.pretty
+    }
+
+    /// The settings in force, `-n client.<id>` as the id.
+    pub fn resolve(&self) -> Result<docker_rbd::config::Settings> {
+        if self.pretty && self.format() != Format::Json {
+            return Err(CliError::Usage("--pretty-format needs --format json".into()).into());
+        }
+        let mut raw = self.settings.raw().context("invalid settings")?;
+        if let Some(name) = &self.client_name {
+            let id = name
+                .strip_prefix("client.")
+                .ok_or_else(|| CliError::Usage(format!("-n/--name {name:?} is not client.<id>")))?;
+            // Given with --id too, the settings name the key twice.
+            raw.set("id", id, docker_rbd::config::Source::Flag);
+        }
+        raw.resolve().context("invalid settings")
+    }
 }
 
 /// An error the CLI names itself, with its errno.
@@ -97,6 +157,14 @@ pub fn errno_of(err: &anyhow::Error) -> i32 {
                 _ => {}
             }
         }
+        if let Some(e) = cause.downcast_ref::<docker_rbd::engine::EngineError>() {
+            use docker_rbd::engine::EngineError as E;
+            match e {
+                E::NotFound { .. } | E::NoNamespace { .. } => return libc::ENOENT,
+                E::Conflict { .. } => return libc::EBUSY,
+                _ => {}
+            }
+        }
         if let Some(n) = cause
             .downcast_ref::<std::io::Error>()
             .and_then(|e| e.raw_os_error())
@@ -145,7 +213,7 @@ pub fn output<T: Serialize>(
     is_empty: bool,
     plain: impl FnOnce() -> String,
 ) -> Result<()> {
-    let text = match common.format {
+    let text = match common.format() {
         Format::Json => {
             let mut s = if common.pretty {
                 serde_json::to_string_pretty(rows)
@@ -202,28 +270,28 @@ pub fn or_dash(s: &str) -> String {
 /// The cluster connection of a command.
 pub struct Conn {
     /// The connection, open as long as the store is used.
-    _rados: ceph_client::Rados,
+    pub rados: ceph_client::Rados,
     /// The fleet's records.
     pub store: Store,
+    /// The settings in force.
+    pub settings: docker_rbd::config::Settings,
 }
 
 impl Conn {
     /// Connects with the command's settings.
     pub fn open(common: &Common) -> Result<Conn> {
-        if common.pretty && common.format != Format::Json {
-            return Err(CliError::Usage("--pretty-format needs --format json".into()).into());
-        }
-        let settings = common
-            .settings
-            .raw()
-            .context("invalid settings")?
-            .resolve()
-            .context("invalid settings")?;
-        let (rados, ioctx) = docker_rbd::engine::connect(&settings)?;
+        let settings = common.resolve()?;
+        let extra = common
+            .mon_host
+            .iter()
+            .map(|m| ("mon_host".to_string(), m.clone()))
+            .collect();
+        let (rados, ioctx) = docker_rbd::engine::connect_with(&settings, extra, false)?;
         let store = Store::new(ioctx, settings.naming.metadata_prefix());
         Ok(Conn {
-            _rados: rados,
+            rados,
             store,
+            settings,
         })
     }
 }

@@ -498,7 +498,7 @@ impl Engine {
 
     fn remove_layer_image_of(&self, id: &LayerId, rec: &LayerRecord) -> Result<()> {
         self.release_local(id, false)?;
-        self.remove_layer_image(id, &rec.image)
+        super::layers::remove_layer_image(&self.ioctx, id.as_str(), &rec.image)
     }
 
     /// Removes the shared init layers over retired layer `parent` that no

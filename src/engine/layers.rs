@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 
+use ceph_client::IoCtx;
 use ceph_client::rbd::{self, Image, ImageOptions};
 use metadata::{InitContent, LayerKind, LayerRecord, LayerState};
 
@@ -331,15 +332,7 @@ impl Engine {
         if !rec.sealed || !rec.owns_image() {
             return Ok(false);
         }
-        let snap = match Image::open_read_only(&self.ioctx, &rec.image, Some(SEALED_SNAP)) {
-            Ok(snap) => snap,
-            Err(e) if e.is_not_found() => return Ok(false),
-            Err(e) => return Err(ceph("open snapshot", id)(e)),
-        };
-        Ok(!snap
-            .children()
-            .map_err(ceph("list children", id))?
-            .is_empty())
+        image_has_clones(&self.ioctx, id.as_str(), &rec.image)
     }
 
     /// Removes layer `id` for this host, at once: [`Engine::retire`] then
@@ -486,41 +479,13 @@ impl Engine {
         // A layer that does not own its image (a shared init layer's user)
         // is only a record.
         if rec.owns_image() {
-            self.remove_layer_image(id, &rec.image)?;
+            remove_layer_image(&self.ioctx, id.as_str(), &rec.image)?;
         }
         let layers = self.store.layers();
         if let Some(current) = layers.get(id.as_str())? {
             layers.delete(id.as_str(), &current)?;
         }
         tracing::info!(layer = %id, image = %rec.image, "layer removed");
-        Ok(())
-    }
-
-    /// Removes a layer's snapshot and image, each absent being fine.
-    pub(crate) fn remove_layer_image(&self, id: &LayerId, image: &str) -> Result<()> {
-        match Image::open(&self.ioctx, image, None) {
-            Ok(img) => {
-                match img.snap_remove(SEALED_SNAP) {
-                    Ok(()) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(ceph("remove snapshot", id)(e)),
-                }
-                drop(img);
-                match rbd::remove(&self.ioctx, image) {
-                    Ok(()) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) if e.is_busy() => {
-                        return Err(EngineError::Conflict {
-                            layer: id.to_string(),
-                            reason: "its image is still in use (mapped or open on a host)".into(),
-                        });
-                    }
-                    Err(e) => return Err(ceph("remove image", id)(e)),
-                }
-            }
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(ceph("open", id)(e)),
-        }
         Ok(())
     }
 
@@ -654,5 +619,44 @@ impl Engine {
                 tracing::error!(layer = %layer, error = %e, "recovery of the layer failed; fsck will report it");
             }
         }
+    }
+}
+
+/// Whether the `sealed` snapshot of layer `id`'s image `image` has clones
+/// (no snapshot or no image: none).
+pub fn image_has_clones(ioctx: &IoCtx, id: &str, image: &str) -> Result<bool> {
+    let snap = match Image::open_read_only(ioctx, image, Some(SEALED_SNAP)) {
+        Ok(snap) => snap,
+        Err(e) if e.is_not_found() => return Ok(false),
+        Err(e) => return Err(ceph("open snapshot", id)(e)),
+    };
+    Ok(!snap
+        .children()
+        .map_err(ceph("list children", id))?
+        .is_empty())
+}
+
+/// Removes layer `id`'s image `image` and its `sealed` snapshot (each
+/// absent is fine); `Conflict` while the image is mapped or open.
+pub fn remove_layer_image(ioctx: &IoCtx, id: &str, image: &str) -> Result<()> {
+    let img = match Image::open(ioctx, image, None) {
+        Ok(img) => img,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(ceph("open", id)(e)),
+    };
+    match img.snap_remove(SEALED_SNAP) {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(ceph("remove snapshot", id)(e)),
+    }
+    drop(img);
+    match rbd::remove(ioctx, image) {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) if e.is_busy() => Err(EngineError::Conflict {
+            layer: id.to_string(),
+            reason: "its image is still in use (mapped or open on a host)".into(),
+        }),
+        Err(e) => Err(ceph("remove image", id)(e)),
     }
 }

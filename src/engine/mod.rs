@@ -27,6 +27,7 @@
 //! image's RADOS lock serialise what must be serialised.
 
 pub mod base;
+pub mod fsck;
 mod init;
 pub mod layers;
 pub mod lease;
@@ -112,6 +113,14 @@ pub enum EngineError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The fleet's RBD namespace does not exist (and was not to be made).
+    #[error("no RBD namespace {namespace:?} in pool {pool:?}: no fleet there")]
+    NoNamespace {
+        /// The pool.
+        pool: String,
+        /// The namespace asked for.
+        namespace: String,
     },
     /// The layer does not exist.
     #[error("layer {layer} does not exist")]
@@ -338,6 +347,22 @@ impl Engine {
 /// (registering the namespace with RBD if this is the fleet's first
 /// host), within `rbd.connecttimeout`.
 pub fn connect(settings: &Settings) -> Result<(Rados, Arc<IoCtx>)> {
+    connect_with(settings, Vec::new(), true)
+}
+
+/// [`connect`] with further librados options (e.g. `mon_host` from the
+/// command line), applied after the conf file; an unregistered namespace
+/// is registered if `register`, else `NotFound`.
+pub fn connect_with(
+    settings: &Settings,
+    extra: Vec<(String, String)>,
+    register: bool,
+) -> Result<(Rados, Arc<IoCtx>)> {
+    let mut options = vec![(
+        "rados_osd_op_timeout".to_string(),
+        OSD_OP_TIMEOUT_SECS.to_string(),
+    )];
+    options.extend(extra);
     let rados = Rados::connect(&ConnectConfig {
         conf: settings.ceph.conf.clone(),
         id: settings.ceph.id.clone(),
@@ -345,16 +370,27 @@ pub fn connect(settings: &Settings) -> Result<(Rados, Arc<IoCtx>)> {
         cluster: settings.ceph.cluster.clone(),
         // The connect timeout bounds reaching the cluster; single OSD
         // operations (a flatten is many) get longer before failing.
-        options: vec![(
-            "rados_osd_op_timeout".to_string(),
-            OSD_OP_TIMEOUT_SECS.to_string(),
-        )],
+        options,
         timeout: settings.connect_timeout,
     })
     .map_err(connect_err(&settings.pool))?;
     let namespace = (!settings.namespace.is_empty()).then_some(settings.namespace.as_str());
     if let Some(ns) = namespace {
-        ensure_namespace(&rados, &settings.pool, ns)?;
+        if register {
+            ensure_namespace(&rados, &settings.pool, ns)?;
+        } else {
+            let pool_ctx = rados
+                .ioctx(&settings.pool, None)
+                .map_err(connect_err(&settings.pool))?;
+            if !ceph_client::rbd::namespace_exists(&pool_ctx, ns)
+                .map_err(ceph("namespace lookup", ns))?
+            {
+                return Err(EngineError::NoNamespace {
+                    pool: settings.pool.clone(),
+                    namespace: ns.to_string(),
+                });
+            }
+        }
     }
     let ioctx = Arc::new(
         rados
