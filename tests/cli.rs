@@ -536,3 +536,169 @@ fn an_empty_fleet_prints_nothing_or_an_empty_list() {
         assert_eq!(json(&f, args), serde_json::json!([]), "{args:?}");
     }
 }
+
+/// Makes RBD image `name` of 4 MiB; with `snap`, snapshots it `sealed`.
+fn image(ioctx: &IoCtx, name: &str, snap: bool) {
+    rbd::create(ioctx, name, 4 << 20, &rbd::ImageOptions::default()).expect("create image");
+    if snap {
+        rbd::Image::open(ioctx, name, None)
+            .and_then(|img| img.snap_create("sealed"))
+            .expect("snapshot");
+    }
+}
+
+/// (problem, name, collectable) of each problem `fsck` prints.
+fn problems(f: &TestFleet) -> BTreeSet<(String, String, bool)> {
+    let mut args = vec!["fsck", "--format", "json"];
+    let out = run(Some(f), &args);
+    assert_eq!(out.code, 1, "fsck finds problems: {}", out.stderr);
+    let listed: serde_json::Value = serde_json::from_str(&out.stdout).expect("fsck JSON");
+    args.truncate(1);
+    let plain = run(Some(f), &args);
+    assert_eq!(plain.code, 1, "{}", plain.stderr);
+    let rows = listed.as_array().expect("a list");
+    assert_eq!(
+        plain.stdout.lines().count(),
+        rows.len() + 1,
+        "one line per problem under a header:\n{}",
+        plain.stdout
+    );
+    rows.iter()
+        .map(|p| {
+            let name = p["layer"].as_str().or(p["host"].as_str()).unwrap_or("-");
+            (
+                p["kind"].as_str().unwrap().to_string(),
+                name.to_string(),
+                p["collectable"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn row(kind: &str, name: &str, collectable: bool) -> (String, String, bool) {
+    (kind.to_string(), name.to_string(), collectable)
+}
+
+#[test]
+fn fsck_finds_each_problem_and_gc_removes_only_what_nothing_needs() {
+    let Some(f) = build() else { return };
+    let store = Store::new(f.ioctx.clone(), "docker-rbd.");
+    let layers = store.layers();
+    // Images without records: one alone, one with a clone (also unrecorded).
+    image(&f.ioctx, "docker-rbd.layer.stray000", false);
+    image(&f.ioctx, "docker-rbd.layer.stparent", true);
+    rbd::clone(
+        &f.ioctx,
+        "docker-rbd.layer.stparent",
+        "sealed",
+        &f.ioctx,
+        "docker-rbd.layer.stchild0",
+        &rbd::ImageOptions::default(),
+    )
+    .expect("clone");
+    // A create its host (dead) never finished.
+    let mut stuck = layer(Some(BASE), "stuck000", LayerKind::ReadWrite, GIB, &[]);
+    stuck.state = LayerState::Creating;
+    stuck.created_by = "host-b".into();
+    layers.create("stuck000", &stuck).unwrap();
+    // A shared init layer over the base, used by one container's init
+    // layer: healthy, though no host holds it and its user has no image.
+    let shared_id = "s0000000-init";
+    let shared_image = format!("docker-rbd.layer.{shared_id}");
+    image(&f.ioctx, &shared_image, true);
+    let mut shared = layer(Some(BASE), shared_id, LayerKind::SharedInit, 4 << 20, &[]);
+    shared.sealed = true;
+    layers.create(shared_id, &shared).unwrap();
+    let mut user = layer(
+        Some(BASE),
+        "user0000-init",
+        LayerKind::Init,
+        4 << 20,
+        &["host-a"],
+    );
+    user.image = shared_image.clone();
+    user.init = Some(metadata::InitContent::Shared {
+        layer: shared_id.into(),
+    });
+    layers.create("user0000-init", &user).unwrap();
+    // A pending init layer: no image yet, by design.
+    let mut pending = layer(
+        Some(BASE),
+        "pend0000-init",
+        LayerKind::Init,
+        4 << 20,
+        &["host-a"],
+    );
+    pending.init = Some(metadata::InitContent::Pending);
+    layers.create("pend0000-init", &pending).unwrap();
+
+    let expected = BTreeSet::from([
+        row("unrecorded-image", "stray000", true),
+        row("unrecorded-image", "stparent", false),
+        row("unrecorded-image", "stchild0", true),
+        row("dangling-parent", LOST, false),
+        // Records of containers and of the image: needed, so kept.
+        row("missing-image", TOP, false),
+        row("missing-image", WEB_INIT, false),
+        row("missing-image", WEB, false),
+        row("missing-image", DB, false),
+        row("missing-image", LOST, true),
+        row("stale-lease", "host-a", false),
+        row("stuck-creating", "stuck000", true),
+    ]);
+    assert_eq!(problems(&f), expected);
+
+    // A dry run lists what would go and removes nothing.
+    let dry = json(&f, &["gc", "--dry-run"]);
+    let would: BTreeSet<String> = dry
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["action"], "would_remove", "{r}");
+            r["layer"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        would,
+        BTreeSet::from(["stray000", "stchild0", LOST, "stuck000"].map(String::from))
+    );
+    assert_eq!(problems(&f), expected);
+
+    let done = ok(&f, &["gc"]);
+    assert_eq!(
+        done.lines().count(),
+        5,
+        "a header and four removals:\n{done}"
+    );
+    assert!(
+        done.lines().skip(1).all(|l| l.starts_with("removed")),
+        "{done}"
+    );
+    let images: BTreeSet<String> = rbd::list(&f.ioctx)
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(
+        images,
+        BTreeSet::from([
+            "docker-rbd.layer.base0000".to_string(),
+            "docker-rbd.layer.stparent".to_string(),
+            shared_image.clone(),
+        ]),
+        "gc removes the unneeded images and nothing else"
+    );
+    let records: BTreeSet<String> = layers.list().unwrap().into_iter().map(|(k, _)| k).collect();
+    assert!(!records.contains(LOST) && !records.contains("stuck000"));
+    assert!(records.contains(shared_id) && records.contains("user0000-init"));
+
+    // With its clone gone, the stray parent is collectable: a second gc
+    // takes it, and what is left is only what something needs.
+    assert!(problems(&f).contains(&row("unrecorded-image", "stparent", true)));
+    let again = json(&f, &["gc"]);
+    assert_eq!(again.as_array().unwrap().len(), 1, "{again}");
+    assert_eq!(again[0]["action"], "removed");
+    assert!(problems(&f).iter().all(|(_, _, collectable)| !collectable));
+    assert_eq!(json(&f, &["gc", "--dry-run"]), serde_json::json!([]));
+}

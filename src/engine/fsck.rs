@@ -29,7 +29,7 @@ use crate::names::Naming;
 
 /// What is wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum ProblemKind {
     /// A layer image in the pool that no record names.
     UnrecordedImage,
