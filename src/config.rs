@@ -102,6 +102,10 @@ pub struct Settings {
     /// `rbd.sharedinit`: containers whose init layers hold the same files
     /// share one init layer per image layer (no snapshot per container).
     pub shared_init: bool,
+    /// `rbd.mountlinger`: how long a read-only layer stays mounted after
+    /// its last `Put`, for the next container over it; zero unmounts at
+    /// once.
+    pub mount_linger: Duration,
 }
 
 /// One settings key: its name, its default (as text) and what it means.
@@ -200,6 +204,11 @@ pub const KEYS: &[Key] = &[
         name: "sharedinit",
         default: "true",
         doc: "containers whose init layers hold the same files share one per image layer (`--shared-init`)",
+    },
+    Key {
+        name: "mountlinger",
+        default: "10",
+        doc: "seconds a read-only layer stays mounted after its last Put, 0 to 600 (`--mount-linger`)",
     },
 ];
 
@@ -431,6 +440,13 @@ impl RawSettings {
         let lease_renew = r.take("leaserenew", "5", seconds);
         let auto_takeover = r.take("autotakeover", "false", parse_bool);
         let shared_init = r.take("sharedinit", "true", parse_bool);
+        let mount_linger = r.take("mountlinger", "10", |v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|s| *s <= 600)
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("{v:?} is not a number of seconds from 0 to 600"))
+        });
         if let (Some(duration), Some(renew)) = (lease_duration, lease_renew)
             && renew * 3 > duration
         {
@@ -455,7 +471,7 @@ impl RawSettings {
             naming,
             connect_timeout,
             (host_id, lease_duration, lease_renew, auto_takeover),
-            shared_init,
+            (shared_init, mount_linger),
         ) {
             (
                 Some(pool),
@@ -467,7 +483,7 @@ impl RawSettings {
                 Some(naming),
                 Some(connect_timeout),
                 (Some(host_id), Some(lease_duration), Some(lease_renew), Some(auto_takeover)),
-                Some(shared_init),
+                (Some(shared_init), Some(mount_linger)),
             ) if r.problems.is_empty() => Ok(Settings {
                 ceph,
                 pool,
@@ -483,6 +499,7 @@ impl RawSettings {
                 lease_renew,
                 auto_takeover,
                 shared_init,
+                mount_linger,
             }),
             _ => Err(ConfigError::Invalid {
                 problems: r.problems,
@@ -559,6 +576,10 @@ impl Settings {
             (
                 "Shared Init".into(),
                 if self.shared_init { "on" } else { "off" }.into(),
+            ),
+            (
+                "Mount Linger".into(),
+                format!("{}s", self.mount_linger.as_secs()),
             ),
             ("Image Prefix".into(), self.naming.prefix().to_string()),
             (

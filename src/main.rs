@@ -165,6 +165,9 @@ pub struct SettingsArgs {
     /// Share one init layer per image layer among containers (rbd.sharedinit).
     #[arg(long = "shared-init", value_name = "BOOL")]
     shared_init: Option<String>,
+    /// Seconds a read-only layer stays mounted after its last Put (rbd.mountlinger).
+    #[arg(long = "mount-linger", value_name = "SECONDS")]
+    mount_linger: Option<String>,
     /// Config file of `key = value` lines, same keys as --storage-opt.
     #[arg(long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -198,6 +201,8 @@ impl SettingsArgs {
             lease_duration,
             lease_renew,
             auto_takeover,
+            shared_init,
+            mount_linger,
             config
         );
     }
@@ -227,6 +232,7 @@ impl SettingsArgs {
             ("leaserenew", self.lease_renew.clone()),
             ("autotakeover", self.auto_takeover.clone()),
             ("sharedinit", self.shared_init.clone()),
+            ("mountlinger", self.mount_linger.clone()),
         ] {
             if let Some(value) = value {
                 flags.set(key, &value, Source::Flag);

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, RawSettings, Settings};
 use crate::engine::purge::Purger;
+use crate::engine::reaper::Reaper;
 use crate::engine::{CreateOptions, Engine, EngineError};
 use crate::fleet::{Fleet, FleetError};
 use crate::units::parse_size;
@@ -95,8 +96,10 @@ pub enum PluginError {
 /// The engine and the fleet mirror of one `Init`.
 pub struct Driver {
     // Dropped first: the exporter thread stops before the engine goes,
-    // then the purger finishes the removals queued.
+    // the reaper unmounts idle layers, then the purger finishes the
+    // removals queued.
     fleet: Fleet,
+    _reaper: Reaper,
     purger: Purger,
     engine: Arc<Engine>,
 }
@@ -367,9 +370,15 @@ impl RbdPlugin {
             path: home.clone(),
             source: e,
         })?;
+        let reaper = Reaper::start(engine.clone()).map_err(|e| EngineError::Io {
+            op: "start the idle mount thread for",
+            path: home.clone(),
+            source: e,
+        })?;
         self.save_init(&req)?;
         *self.engine.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Driver {
             fleet,
+            _reaper: reaper,
             purger,
             engine,
         }));
@@ -470,7 +479,10 @@ impl GraphDriver for RbdPlugin {
             .partition(|l| l.record.kind == LayerKind::SharedInit);
         status.push(("Layers".into(), layers.len().to_string()));
         status.push(("Shared Init Layers".into(), shared.len().to_string()));
-        status.push(("Mounted Layers".into(), engine.mounts()?.len().to_string()));
+        let (idle, mounted): (Vec<_>, Vec<_>) =
+            engine.mounts()?.into_iter().partition(|(_, m)| m.is_idle());
+        status.push(("Mounted Layers".into(), mounted.len().to_string()));
+        status.push(("Idle Mounts".into(), idle.len().to_string()));
         if engine.lease_lost() {
             status.push(("Lease".into(), "LOST: renewals are failing".into()));
         }
@@ -508,11 +520,12 @@ impl GraphDriver for RbdPlugin {
     }
 
     fn cleanup(&self) -> Result<(), PluginError> {
-        // Mounts stay: containers may outlive dockerd (live-restore), and a
-        // restarted dockerd's Init adopts them. The saved Init goes: the
-        // next dockerd calls Init itself.
+        // Mounts in use stay: containers may outlive dockerd (live-restore),
+        // and a restarted dockerd's Init adopts them; idle ones go. The
+        // saved Init goes: the next dockerd calls Init itself.
         self.forget_init();
         if let Ok(engine) = engine(&self.engine) {
+            engine.release_idle_mounts(true);
             tracing::info!(mounted = engine.mounts()?.len(), "dockerd is shutting down");
         }
         Ok(())

@@ -946,6 +946,51 @@ fn images_containers_and_diffs_through_dockerd() {
     );
     fx.phase("diff and size");
 
+    // Two running containers over the image share its init layer; each
+    // one's diff is its own, and removing one leaves the other running.
+    let shared = shared.to_string();
+    let shared_init_of = |name: &str| {
+        let (_, data) = fx.graph_driver(name);
+        let rw = data["Image"].rsplit('.').next().unwrap().to_string();
+        let recs = fx.layer_records();
+        let init = &recs[&format!("{rw}-init")];
+        init.shared_init()
+            .unwrap_or_else(|| panic!("init layer of {name} is not shared: {init:?}"))
+            .to_string()
+    };
+    for name in ["s1", "s2"] {
+        fx.ok([
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--name",
+            name,
+            &special,
+            "sleep",
+            "600",
+        ]);
+        assert_eq!(shared_init_of(name), shared, "{name}");
+    }
+    assert_eq!(shared_init_of("changed"), shared, "changed");
+    fx.ok(["exec", "s1", "sh", "-c", "echo one > /one"]);
+    assert_eq!(fx.ok(["diff", "s1"]), "A /one\n");
+    assert_eq!(fx.ok(["diff", "s2"]), "");
+    fx.ok(["rm", "-f", "s1"]);
+    assert_eq!(
+        fx.ok(["inspect", "-f", "{{.State.Running}}", "s2"]).trim(),
+        "true"
+    );
+    fx.ok(["exec", "s2", "sh", "-c", "echo two > /two && cat /two"]);
+    assert_eq!(fx.ok(["diff", "s2"]), "A /two\n");
+    assert_eq!(shared_init_of("s2"), shared);
+    fx.ok(["rm", "-f", "s2"]);
+    assert!(
+        fx.layer_records().contains_key(&shared),
+        "a shared init layer lives as long as its image layer"
+    );
+    fx.phase("two containers sharing an init layer");
+
     // docker export: what the script wrote.
     let export = fx.export("changed");
     let files = tar_map(&export);
@@ -1325,7 +1370,11 @@ fn containers_persist_and_survive_a_plugin_crash() {
         Some("1"),
         "{status:?}"
     );
-    let servers_before = fuse_servers_under(&home);
+    // The container's layer has one FUSE server (the image's layer may
+    // have another, idle since the container was made).
+    let servers_of_layer =
+        || testkit::process::live_pids_with_cmdline(&format!("%2F{image_name}/mnt"));
+    let servers_before = servers_of_layer();
     assert_eq!(servers_before.len(), 1, "FUSE servers: {servers_before:?}");
     fx.phase("exec, cp and inspect on a running container");
 
@@ -1413,7 +1462,7 @@ fn containers_persist_and_survive_a_plugin_crash() {
         "{status:?}"
     );
     assert_eq!(
-        fuse_servers_under(&home),
+        servers_of_layer(),
         servers_before,
         "the restarted plugin adopted the FUSE server"
     );
@@ -1459,10 +1508,7 @@ fn containers_persist_and_survive_a_plugin_crash() {
         reattached.as_ref().is_none_or(|b| !b.starts_with(&home)),
         "loop{loop_number} still backed by {reattached:?} after stop"
     );
-    assert!(
-        fuse_servers_under(&home).is_empty(),
-        "FUSE server left after stop"
-    );
+    assert!(servers_of_layer().is_empty(), "FUSE server left after stop");
     let stopped_at = {
         fx.ok(["start", "runner"]);
         count(&fx)

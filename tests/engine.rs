@@ -323,6 +323,70 @@ fn get_and_put_are_reference_counted() {
 }
 
 #[test]
+fn a_read_only_layer_stays_mounted_idle_for_the_next_get() {
+    let Some(fx) = Fixture::new("a_read_only_layer_stays_mounted_idle_for_the_next_get", &[])
+    else {
+        return;
+    };
+    let engine = fx.engine();
+    let (l1, l2) = (hex(36), hex(37));
+    engine.create(&l1, "", &image_layer()).unwrap();
+    // A child seals l1: from then on it is mounted read-only.
+    engine.create(&l2, &l1, &image_layer()).unwrap();
+    let root = engine.get(&l1, "").unwrap();
+    let first = engine.mount_record(&l1).unwrap().unwrap();
+    assert!(first.read_only);
+    engine.put(&l1).unwrap();
+    let idle = engine.mount_record(&l1).unwrap().expect("still mounted");
+    assert!(idle.is_idle() && idle.idle_until.is_some(), "{idle:?}");
+    assert!(docker_rbd::fs::is_mounted(root.parent().unwrap()));
+    // A Put too many changes nothing.
+    engine.put(&l1).unwrap();
+    assert_eq!(engine.mount_record(&l1).unwrap(), Some(idle));
+
+    // The next Get takes the same mount and device as they are.
+    assert_eq!(engine.get(&l1, "").unwrap(), root);
+    let again = engine.mount_record(&l1).unwrap().unwrap();
+    assert_eq!((again.refcount, again.idle_until), (1, None));
+    assert_eq!(again.device, first.device, "not mapped again");
+    engine.put(&l1).unwrap();
+    assert_eq!(
+        engine.release_idle_mounts(false),
+        0,
+        "the linger (10 s) is not over"
+    );
+    assert_eq!(engine.release_idle_mounts(true), 1);
+    assert!(!docker_rbd::fs::is_mounted(root.parent().unwrap()));
+    assert!(engine.mount_record(&l1).unwrap().is_none());
+
+    // A removal takes an idle mount with it.
+    engine.get(&l1, "").unwrap();
+    engine.put(&l1).unwrap();
+    engine.remove(&l2).unwrap();
+    engine.remove(&l1).unwrap();
+    assert!(engine.mounts().unwrap().is_empty());
+    assert!(!docker_rbd::fs::is_mounted(root.parent().unwrap()));
+    drop(engine);
+
+    // With rbd.mountlinger=0 the last Put unmounts.
+    let Some(fx) = Fixture::new(
+        "a_read_only_layer_stays_mounted_idle_for_the_next_get",
+        &[("mountlinger", "0")],
+    ) else {
+        return;
+    };
+    let engine = fx.engine();
+    engine.create(&l1, "", &image_layer()).unwrap();
+    engine.create(&l2, &l1, &image_layer()).unwrap();
+    let root = engine.get(&l1, "").unwrap();
+    engine.put(&l1).unwrap();
+    assert!(engine.mount_record(&l1).unwrap().is_none());
+    assert!(!docker_rbd::fs::is_mounted(root.parent().unwrap()));
+    engine.remove(&l2).unwrap();
+    engine.remove(&l1).unwrap();
+}
+
+#[test]
 fn a_restarted_engine_adopts_live_mounts() {
     let Some(fx) = Fixture::new("a_restarted_engine_adopts_live_mounts", &[]) else {
         return;
@@ -797,7 +861,13 @@ fn init_layers_with_the_same_files_share_one_sealed_layer_and_others_do_not() {
         );
         write_init_files(&root, hostname);
         engine.put(&id).unwrap();
-        assert!(engine.mounts().unwrap().is_empty(), "nothing stays mounted");
+        let mounts = engine.mounts().unwrap();
+        assert!(
+            mounts
+                .iter()
+                .all(|(layer, m)| *layer == image && m.is_idle()),
+            "only the image layer stays mounted, idle: {mounts:?}"
+        );
         id
     };
     let a = make_init(62, None);
@@ -869,7 +939,12 @@ fn init_layers_with_the_same_files_share_one_sealed_layer_and_others_do_not() {
     write_init_files(&root, None);
     drop(engine);
     let engine = fx.engine();
-    assert!(engine.mounts().unwrap().is_empty(), "{:?}", engine.mounts());
+    // What stays are the idle read-only mounts, adopted as they were.
+    let mounts = engine.mounts().unwrap();
+    assert!(
+        mounts.iter().all(|(layer, m)| *layer != d && m.is_idle()),
+        "{mounts:?}"
+    );
     assert!(!docker_rbd::fs::is_mounted(&root));
     assert_eq!(
         fx.record(&engine, &d).unwrap().init,

@@ -176,6 +176,7 @@ impl Engine {
                 lower: parent.to_string(),
                 upper: upper.clone(),
             }),
+            idle_until: None,
         };
         self.local.put(&MOUNTS, id.as_str(), &m)?;
         match fs::mount_overlay(&lower, &upper, &dir.join("work"), &target) {
@@ -217,6 +218,7 @@ impl Engine {
             on: Some(MountOn::Layer {
                 layer: shared.to_string(),
             }),
+            idle_until: None,
         };
         if let Err(e) = self.local.put(&MOUNTS, id.as_str(), &m) {
             self.put_locked(&shared)?;

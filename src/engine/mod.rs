@@ -34,6 +34,7 @@ pub mod lease;
 mod locks;
 pub mod mounts;
 pub mod purge;
+pub mod reaper;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -8,6 +8,14 @@
 //! `Mounted` layer whose mount and device are still there is adopted with
 //! its count (a running container keeps running, and its later `Put`s
 //! balance); anything else is unmounted and unmapped.
+//!
+//! A read-only layer's last `Put` leaves it mounted for `rbd.mountlinger`
+//! (count zero, `idle_until` set): dockerd mounts an image's top layer
+//! for every container it creates over it, and mapping it again is most of
+//! a container's start. The next `Get` takes the idle mount as it is;
+//! [`Engine::release_idle_mounts`] (the plugin's reaper thread, dockerd's
+//! shutdown) unmounts the ones whose time is up. A layer being removed is
+//! unmounted whatever its state.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,7 +23,7 @@ use std::time::{Duration, Instant};
 use metadata::{InitContent, LayerState};
 use serde::{Deserialize, Serialize};
 
-use super::{Engine, EngineError, Result, fs_err, mapper_err};
+use super::{Engine, EngineError, Result, fs_err, mapper_err, now};
 use crate::fs::{self, MountSpec};
 use crate::localstate::Table;
 use crate::mapper::{self, MapRequest, MappedDevice};
@@ -29,7 +37,8 @@ pub enum MountState {
     Mapping,
     /// The device is mapped and being mounted.
     Mounting,
-    /// Mounted and handed out `refcount` times.
+    /// Mounted and handed out `refcount` times (zero: idle, see
+    /// [`MountRecord::idle_until`]).
     Mounted,
 }
 
@@ -54,6 +63,17 @@ pub struct MountRecord {
     /// mount serves it. `None`: the layer's own image is mapped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on: Option<MountOn>,
+    /// A mounted layer no one uses: unmounted after this time (Unix
+    /// seconds) unless a `Get` takes it first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_until: Option<u64>,
+}
+
+impl MountRecord {
+    /// Mounted with no `Get` outstanding.
+    pub fn is_idle(&self) -> bool {
+        self.state == MountState::Mounted && self.refcount == 0
+    }
 }
 
 /// How an init layer without an image of its own is mounted.
@@ -110,22 +130,80 @@ impl Engine {
     pub fn put(&self, id: &str) -> Result<()> {
         let id = Self::parse(id)?;
         let _held = self.lock_layer(&id)?;
-        let Some(mut m) = self.local.get(&MOUNTS, id.as_str())? else {
+        let Some(m) = self.local.get(&MOUNTS, id.as_str())? else {
             tracing::warn!("put of a layer that is not mounted");
             return Ok(());
         };
-        if m.state == MountState::Mounted && m.refcount > 1 {
-            m.refcount -= 1;
-            self.local.put(&MOUNTS, id.as_str(), &m)?;
-            return Ok(());
-        }
         if m.state == MountState::Mounted
+            && m.refcount == 1
             && let Some(MountOn::Overlay { lower, upper }) = &m.on
         {
             // dockerd has written the init layer's files.
             return self.finish_pending_init(&id, &m, lower, upper);
         }
-        self.release(&id, &m)
+        self.put_record(&id, m)
+    }
+
+    /// One `Put` of mount `m` of layer `id`, its lock held: one user
+    /// fewer; the last one leaves a read-only mount idle for
+    /// `rbd.mountlinger` and releases any other.
+    fn put_record(&self, id: &LayerId, mut m: MountRecord) -> Result<()> {
+        if m.is_idle() {
+            tracing::warn!(layer = %id, "put of a layer no one has mounted");
+            return Ok(());
+        }
+        if m.state == MountState::Mounted && m.refcount > 1 {
+            m.refcount -= 1;
+            self.local.put(&MOUNTS, id.as_str(), &m)?;
+            return Ok(());
+        }
+        let linger = self.settings.mount_linger.as_secs();
+        if m.state == MountState::Mounted && m.read_only && m.on.is_none() && linger > 0 {
+            m.refcount = 0;
+            m.idle_until = Some(now() + linger);
+            self.local.put(&MOUNTS, id.as_str(), &m)?;
+            tracing::debug!(layer = %id, linger_s = linger, "layer idle; stays mounted a while");
+            return Ok(());
+        }
+        self.release(id, &m)
+    }
+
+    /// Unmounts the idle mounts whose linger is over, or with `all` every
+    /// idle mount. Returns how many went; failures are logged and the
+    /// mount is tried again next time.
+    pub fn release_idle_mounts(&self, all: bool) -> usize {
+        let idle: Vec<String> = match self.mounts() {
+            Ok(rows) => rows
+                .into_iter()
+                .filter(|(_, m)| m.is_idle() && (all || m.idle_until.is_none_or(|t| t <= now())))
+                .map(|(id, _)| id)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the local mount state");
+                return 0;
+            }
+        };
+        let mut released = 0;
+        for key in idle {
+            let Ok(id) = LayerId::parse(&key) else {
+                continue;
+            };
+            let outcome = self.lock_layer(&id).and_then(|_held| {
+                // A Get may have taken it meanwhile.
+                match self.local.get(&MOUNTS, id.as_str())? {
+                    Some(m) if m.is_idle() => self.release(&id, &m).map(|()| true),
+                    _ => Ok(false),
+                }
+            });
+            match outcome {
+                Ok(true) => released += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(layer = %id, error = %e, "unmounting an idle layer failed")
+                }
+            }
+        }
+        released
     }
 
     /// The local mount record of a layer.
@@ -146,7 +224,11 @@ impl Engine {
         let rootfs = mountpoint.join("rootfs");
         if let Some(mut m) = self.local.get(&MOUNTS, id.as_str())? {
             if m.state == MountState::Mounted {
+                if m.is_idle() {
+                    tracing::debug!(layer = %id, "taking an idle mount");
+                }
                 m.refcount += 1;
+                m.idle_until = None;
                 self.local.put(&MOUNTS, id.as_str(), &m)?;
                 return Ok(match &m.on {
                     Some(MountOn::Layer { layer }) => self.rootfs_path(&LayerId::parse(layer)?),
@@ -181,6 +263,7 @@ impl Engine {
             device: None,
             mountpoint: mountpoint.clone(),
             on: None,
+            idle_until: None,
         };
         self.local.put(&MOUNTS, id.as_str(), &m)?;
         let mut request = MapRequest::new(
@@ -368,12 +451,7 @@ impl Engine {
 
     pub(crate) fn put_locked(&self, id: &LayerId) -> Result<()> {
         match self.local.get(&MOUNTS, id.as_str())? {
-            Some(mut m) if m.state == MountState::Mounted && m.refcount > 1 => {
-                m.refcount -= 1;
-                self.local.put(&MOUNTS, id.as_str(), &m)?;
-                Ok(())
-            }
-            Some(m) => self.release(id, &m),
+            Some(m) => self.put_record(id, m),
             None => Ok(()),
         }
     }
