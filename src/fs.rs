@@ -289,6 +289,17 @@ pub fn mount_source(target: &Path) -> Option<PathBuf> {
     crate::mapper::sys::mount_at(target).map(|m| PathBuf::from(m.source))
 }
 
+/// Where `device` is mounted in this mount namespace, topmost first.
+pub fn mounts_of(device: &Path) -> Vec<PathBuf> {
+    let mut at: Vec<PathBuf> = crate::mapper::sys::mounts()
+        .into_iter()
+        .filter(|m| Path::new(&m.source) == device)
+        .map(|m| m.mountpoint)
+        .collect();
+    at.reverse();
+    at
+}
+
 /// Flushes the filesystem mounted at `path` (`syncfs(2)`).
 pub fn syncfs(path: &Path) -> Result<(), FsError> {
     let dir = std::fs::File::open(path).map_err(|e| io_err("open", path, e))?;

@@ -19,6 +19,8 @@
 //! - [`fleet`]: dockerd's image graph and containers mirrored into RADOS
 //!   (export) and written into a booting dockerd's root (hydrate), so any
 //!   host starts any stopped container of the fleet.
+//! - [`crashpoint`]: named points where a debug build dies on request, for
+//!   the tests that prove crash recovery.
 //! - [`plugin`]: Docker's graphdriver protocol (`graphdriver-api` crate) on
 //!   top of the engine; `docker-rbd serve` serves it on a unix socket.
 //!
@@ -27,6 +29,7 @@
 //! [`fs`], and Docker only through [`plugin`].
 
 pub mod config;
+pub mod crashpoint;
 pub mod digest;
 pub mod engine;
 pub mod fleet;

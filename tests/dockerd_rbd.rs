@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use ceph_client::rbd::{self, Image};
 use ceph_client::{ConnectConfig, IoCtx, Rados};
+use docker_rbd::crashpoint::{self, CrashPoint};
 use docker_rbd::mapper::fuse::loopdev;
 use docker_rbd::names::Naming;
 use metadata::{LayerKind, LayerRecord, LayerState};
@@ -41,6 +42,9 @@ struct Fixture {
     namespace: String,
     plugin_name: String,
     extra_flags: Vec<String>,
+    /// The crash point the plugin dies at (`DOCKER_RBD_CRASH_AT`), until
+    /// its first restart.
+    crash_at: Option<CrashPoint>,
     /// `--run-dir` of the plugin (its saved Init), kept across restarts.
     run_dir: tempfile::TempDir,
     /// Tarballs and files for `docker cp`.
@@ -58,6 +62,16 @@ impl Fixture {
     /// prerequisite is missing outside strict mode. `flags` are more
     /// `docker-rbd serve` flags.
     fn start(test: &str, flags: &[&str], command_timeout: Duration) -> Option<Fixture> {
+        Self::start_armed(test, flags, command_timeout, None)
+    }
+
+    /// [`Fixture::start`] with a plugin that dies at `crash_at`.
+    fn start_armed(
+        test: &str,
+        flags: &[&str],
+        command_timeout: Duration,
+        crash_at: Option<CrashPoint>,
+    ) -> Option<Fixture> {
         let ceph = testkit::ceph::require(test)?;
         for missing in [
             testkit::require::root(),
@@ -88,6 +102,7 @@ impl Fixture {
             test: test.to_string(),
             plugin_name: testkit::unique_name("rbde2e"),
             extra_flags: flags.iter().map(|s| s.to_string()).collect(),
+            crash_at,
             run_dir: testkit::scratch_dir("rbd-e2e-run").expect("run dir"),
             scratch: testkit::scratch_dir("rbd-e2e-files").expect("scratch dir"),
             plugin: None,
@@ -138,6 +153,10 @@ impl Fixture {
             .arg(self.run_dir.path())
             .args(&self.extra_flags);
         cmd.env("DOCKER_RBD_LOG", "info").env("NO_COLOR", "1");
+        match self.crash_at {
+            Some(point) => cmd.env(crashpoint::ENV, point.name()),
+            None => cmd.env_remove(crashpoint::ENV),
+        };
         cmd
     }
 
@@ -2013,4 +2032,291 @@ fn deep_chains_and_hostile_layers() {
         panic!("images left: {images_left}\n{}", fx.ok(["images", "-a"]));
     }
     fx.assert_everything_removed();
+}
+
+/// One docker command of [`CRASH_SCENARIO`], and what to run instead when
+/// it failed because the plugin died under it.
+struct Step {
+    args: &'static [&'static str],
+    /// Run (errors ignored) before the step is tried again.
+    undo: &'static [&'static str],
+    /// A retry may fail with this instead (what the crashed try did).
+    done_if: Option<&'static str>,
+}
+
+/// The life of an image and a container, reaching every crash point:
+/// import (base image, create, clone, map, mount, unmount), a container's
+/// create (seal, shared init layer) and two starts, a size-limited run
+/// (offline resize), removal (purge).
+const CRASH_SCENARIO: &[Step] = &[
+    Step {
+        args: &["import", "@rootfs", "crash:1"],
+        undo: &[],
+        done_if: None,
+    },
+    Step {
+        args: &[
+            "create",
+            "--name",
+            "box",
+            "--network",
+            "none",
+            "crash:1",
+            "sh",
+            "-c",
+            "cat /f 2>/dev/null; echo x >> /f; sync",
+        ],
+        undo: &["rm", "-f", "box"],
+        done_if: None,
+    },
+    Step {
+        args: &["start", "-a", "box"],
+        undo: &[],
+        done_if: None,
+    },
+    Step {
+        args: &[
+            "run",
+            "--rm",
+            "--name",
+            "once",
+            "--network",
+            "none",
+            "--storage-opt",
+            "size=2G",
+            "crash:1",
+            "true",
+        ],
+        // A crash inside its removal leaves the container, as a failed
+        // removal does on any driver: its user removes it.
+        undo: &["rm", "-f", "once"],
+        done_if: None,
+    },
+    Step {
+        args: &["start", "-a", "box"],
+        undo: &[],
+        done_if: None,
+    },
+    Step {
+        args: &["rm", "box"],
+        undo: &[],
+        done_if: Some("No such container"),
+    },
+    Step {
+        args: &["rmi", "crash:1"],
+        undo: &[],
+        done_if: Some("No such image"),
+    },
+];
+
+/// How the scenario went for one crash point.
+struct CrashOutcome {
+    /// The step during which the plugin died.
+    step: String,
+    /// What brought the step through: dockerd's own retry of the request
+    /// against the restarted plugin, or the test's retry of the command.
+    through: &'static str,
+}
+
+impl Fixture {
+    /// Runs `docker <args>` while watching the plugin; when the plugin
+    /// dies (at the armed crash point, as its log must say), restarts it
+    /// unarmed and waits for the command. Returns the command's output
+    /// and whether the plugin crashed meanwhile.
+    fn docker_watching_plugin(&mut self, args: &[String]) -> (std::process::Output, bool) {
+        let mut cmd = self.d().docker_command();
+        cmd.args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let child = cmd.spawn().expect("spawn docker");
+        let pid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let mut crashed = false;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(out) => {
+                    let out = out.expect("wait for docker");
+                    return (out, self.plugin_crashed() || crashed);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(e) => panic!("{}: docker {args:?}: {e}", self.test),
+            }
+            if self.plugin_crashed() {
+                crashed = true;
+            }
+            if Instant::now() > deadline {
+                let _ = testkit::process::terminate(pid, Duration::from_secs(5));
+                panic!("{}: docker {args:?} did not end within 300 s", self.test);
+            }
+        }
+    }
+
+    /// If the plugin has died: checks that the armed crash point killed
+    /// it, disarms it and starts it again. Returns whether it had died.
+    fn plugin_crashed(&mut self) -> bool {
+        let Some(plugin) = self.plugin.as_mut() else {
+            return false;
+        };
+        if plugin.check_running().is_ok() {
+            return false;
+        }
+        let log = plugin.log();
+        let point = self.crash_at.take().unwrap_or_else(|| {
+            panic!(
+                "{}: the plugin died a second time, unarmed:\n{}",
+                self.test,
+                tail(&log, 60)
+            )
+        });
+        assert!(
+            log.contains(&format!("crash point {point} reached")),
+            "{}: the plugin died, but not at {point}:\n{}",
+            self.test,
+            tail(&log, 60)
+        );
+        drop(self.plugin.take());
+        self.start_plugin();
+        true
+    }
+
+    /// Runs [`CRASH_SCENARIO`] with the plugin armed at `point`; every
+    /// step must come through, the crash happen once, and everything be
+    /// removed at the end.
+    fn crash_scenario(&mut self, point: CrashPoint) -> CrashOutcome {
+        let rootfs = self.path("busybox-rootfs.tar");
+        images::write_busybox_rootfs_tar(&rootfs).unwrap();
+        let expand = |args: &[&str]| -> Vec<String> {
+            args.iter()
+                .map(|a| match *a {
+                    "@rootfs" => rootfs.display().to_string(),
+                    a => a.to_string(),
+                })
+                .collect()
+        };
+        let mut outcome = None;
+        let mut last_start = String::new();
+        for step in CRASH_SCENARIO {
+            let args = expand(step.args);
+            let (out, crashed) = self.docker_watching_plugin(&args);
+            let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            if crashed {
+                let mut through = "dockerd's retry";
+                if !out.status.success() {
+                    through = "the command's retry";
+                    eprintln!(
+                        "[{}] {point}: docker {args:?} failed under the crash: {}",
+                        self.test,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                    if !step.undo.is_empty() {
+                        let _ = self.d().docker(expand(step.undo));
+                    }
+                    let again = self.d().docker(&args);
+                    let stderr = String::from_utf8_lossy(&again.stderr);
+                    assert!(
+                        again.status.success()
+                            || step.done_if.is_some_and(|done| stderr.contains(done)),
+                        "{}: {point}: docker {args:?} after the restart failed: {stderr}\n{}",
+                        self.test,
+                        self.plugin_log_tail(60)
+                    );
+                    stdout = String::from_utf8_lossy(&again.stdout).into_owned();
+                }
+                outcome = Some(CrashOutcome {
+                    step: step.args[0].to_string(),
+                    through,
+                });
+            } else {
+                assert!(
+                    out.status.success(),
+                    "{}: {point}: docker {args:?} failed: {}\n{}",
+                    self.test,
+                    String::from_utf8_lossy(&out.stderr),
+                    self.plugin_log_tail(60)
+                );
+            }
+            if step.args[0] == "start" {
+                last_start = stdout;
+            }
+        }
+        // A purge runs after `docker rmi` returned.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while outcome.is_none() && Instant::now() < deadline {
+            if self.plugin_crashed() {
+                outcome = Some(CrashOutcome {
+                    step: "(after rmi) purge".into(),
+                    through: "recovery at start",
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let outcome = outcome.unwrap_or_else(|| {
+            panic!(
+                "{}: the scenario never reached crash point {point}",
+                self.test
+            )
+        });
+        // The second start saw what the first one wrote (and synced).
+        let lines: Vec<&str> = last_start.lines().collect();
+        assert!(
+            !lines.is_empty() && lines.iter().all(|l| *l == "x"),
+            "{}: {point}: the second start printed {last_start:?}",
+            self.test
+        );
+        // The driver still works, then holds nothing.
+        self.import_busybox("after:1");
+        assert_eq!(
+            self.run_sh("after:1", "echo works"),
+            "works\n",
+            "{}: {point}",
+            self.test
+        );
+        self.ok(["rmi", "after:1"]);
+        self.assert_everything_removed();
+        outcome
+    }
+}
+
+/// For every crash point of the engine (`docker_rbd::crashpoint`), one
+/// plugin dies there under a real dockerd, is restarted, and the image
+/// and container lifecycle carries on: each docker command comes through
+/// (dockerd retries a request its plugin dropped), the container keeps
+/// what it wrote, and at the end no RBD image, record, mapping, mount,
+/// loop device or FUSE server is left that nothing claims. Prints the
+/// matrix of points covered. `CRASH_POINTS=a,b` runs only those (for
+/// working on one).
+#[test]
+fn a_crash_at_every_point_is_recovered_by_a_restart() {
+    let only: Option<Vec<String>> = std::env::var("CRASH_POINTS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let points: Vec<CrashPoint> = CrashPoint::ALL
+        .iter()
+        .copied()
+        .filter(|p| {
+            only.as_ref()
+                .is_none_or(|o| o.iter().any(|n| n == p.name()))
+        })
+        .collect();
+    let mut matrix = Vec::new();
+    for &point in &points {
+        let test = format!("crash_at_{}", point.name().replace('-', "_"));
+        let Some(mut fx) = Fixture::start_armed(&test, &[], Duration::from_secs(300), Some(point))
+        else {
+            return;
+        };
+        let outcome = fx.crash_scenario(point);
+        fx.phase(&format!("{point}: recovered"));
+        matrix.push((point, outcome));
+    }
+    eprintln!("crash point          died during          came through by");
+    for (point, o) in &matrix {
+        eprintln!("{:<20} {:<20} {}", point.name(), o.step, o.through);
+    }
+    assert_eq!(matrix.len(), points.len());
 }

@@ -13,6 +13,7 @@ use ceph_client::LockFlags;
 use ceph_client::rbd::{self, Image};
 
 use super::{Engine, Result, ceph, fs_err, io, mapper_err};
+use crate::crashpoint::{self, CrashPoint};
 use crate::fs::{self, MountSpec};
 use crate::mapper::MapRequest;
 use crate::names::SEALED_SNAP;
@@ -49,6 +50,9 @@ impl Engine {
                     if self.base_ready(&name)? {
                         return Ok(name);
                     }
+                    if self.break_own_stale_base_lock(&object)? {
+                        continue;
+                    }
                     if started.elapsed() > LOCK_DURATION + Duration::from_secs(30) {
                         return Err(ceph("lock for making the base image", &name)(e));
                     }
@@ -57,6 +61,7 @@ impl Engine {
                 Err(e) => return Err(ceph("lock for making the base image", &name)(e)),
             }
         }
+        crashpoint::reached(CrashPoint::BaseLocked);
         let result = if self.base_ready(&name)? {
             Ok(())
         } else {
@@ -66,6 +71,33 @@ impl Engine {
             tracing::warn!(error = %e, "releasing the base image lock failed; it expires by itself");
         }
         result.map(|()| name)
+    }
+
+    /// Breaks the base lock if a previous daemon of this host holds it (it
+    /// died making the base image; one daemon per host id runs at a time,
+    /// so its lock can only be stale). Returns whether it broke one.
+    fn break_own_stale_base_lock(&self, object: &str) -> Result<bool> {
+        let mine = format!("{}.", self.host_id);
+        let current = format!("{mine}{}", std::process::id());
+        let lockers = self
+            .ioctx
+            .list_lockers(object, LOCK_NAME)
+            .map_err(ceph("list lockers of", object))?;
+        let mut broke = false;
+        for l in lockers.lockers {
+            if l.cookie.starts_with(&mine) && l.cookie != current {
+                tracing::warn!(client = %l.client, cookie = %l.cookie, "breaking the base image lock a previous daemon of this host left");
+                match self
+                    .ioctx
+                    .break_lock(object, LOCK_NAME, &l.client, &l.cookie)
+                {
+                    Ok(()) => broke = true,
+                    Err(e) if e.is_not_found() => broke = true,
+                    Err(e) => return Err(ceph("break the base image lock on", object)(e)),
+                }
+            }
+        }
+        Ok(broke)
     }
 
     fn base_ready(&self, name: &str) -> Result<bool> {
@@ -98,6 +130,7 @@ impl Engine {
             name.to_string(),
         );
         let mapped = self.mapper.map(&request).map_err(mapper_err("map", name))?;
+        crashpoint::reached(CrashPoint::BaseMapped);
         let mountpoint = self
             .home
             .join("mnt")
@@ -129,6 +162,7 @@ impl Engine {
         let _ = std::fs::remove_dir(&mountpoint);
         formatted?;
         unmapped?;
+        crashpoint::reached(CrashPoint::BaseFormatted);
         Image::open(&self.ioctx, name, None)
             .and_then(|img| img.snap_create(SEALED_SNAP))
             .map_err(ceph("snapshot base image", name))?;

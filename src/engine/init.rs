@@ -54,6 +54,7 @@ use sha2::{Digest, Sha256};
 use super::locks::Held;
 use super::mounts::{MOUNTS, MountOn, MountRecord, MountState};
 use super::{Engine, EngineError, Result, ceph, io, now};
+use crate::crashpoint::{self, CrashPoint};
 use crate::fs;
 use crate::names::{LayerId, SEALED_SNAP};
 
@@ -481,6 +482,7 @@ impl Engine {
             &self.image_options(),
         )
         .map_err(ceph("clone", id))?;
+        crashpoint::reached(CrashPoint::InitCloned);
         if !changes.is_empty() {
             let root = self.get_locked(id, "", true)?;
             let identity = IdMappings::identity();

@@ -8,6 +8,7 @@ use metadata::{InitContent, LayerKind, LayerRecord, LayerState};
 
 use super::{Engine, EngineError, Result, ceph, fs_err, now};
 use crate::config::FsType;
+use crate::crashpoint::{self, CrashPoint};
 use crate::names::{LayerId, SEALED_SNAP};
 
 /// RBD features of every image docker-rbd makes: layering for clones,
@@ -180,6 +181,7 @@ impl Engine {
             e => e.into(),
         })?;
 
+        crashpoint::reached(CrashPoint::CreateRecorded);
         match self.clone_layer(&id, &source, &image, flatten, opts) {
             Ok(size) => {
                 let mut done = record;
@@ -220,6 +222,7 @@ impl Engine {
             &self.image_options(),
         )
         .map_err(ceph("clone", id))?;
+        crashpoint::reached(CrashPoint::CreateCloned);
         let img = Image::open(&self.ioctx, image, None).map_err(ceph("open", id))?;
         if flatten {
             let started = std::time::Instant::now();
@@ -280,7 +283,10 @@ impl Engine {
                 frozen.thaw().map_err(fs_err("thaw", id))?;
             }
             match result {
-                Ok(()) => tracing::info!(layer = %id, "sealed"),
+                Ok(()) => {
+                    crashpoint::reached(CrashPoint::SealSnapshotted);
+                    tracing::info!(layer = %id, "sealed");
+                }
                 Err(e) if e.is_exists() => {}
                 Err(e) => return Err(ceph("snapshot", id)(e)),
             }
@@ -395,6 +401,7 @@ impl Engine {
     /// the same id finished the removal and made it anew). Safe to run
     /// again after a crash, and so is startup recovery's.
     pub fn purge(&self, purge: &Purge) -> Result<()> {
+        crashpoint::reached(CrashPoint::RemoveRecorded);
         let id = &purge.id;
         {
             let _held = self.locks.lock(&[id.as_str()]);
@@ -480,6 +487,7 @@ impl Engine {
         // is only a record.
         if rec.owns_image() {
             remove_layer_image(&self.ioctx, id.as_str(), &rec.image)?;
+            crashpoint::reached(CrashPoint::RemoveImageGone);
         }
         let layers = self.store.layers();
         if let Some(current) = layers.get(id.as_str())? {
@@ -617,6 +625,48 @@ impl Engine {
             };
             if let Err(e) = result {
                 tracing::error!(layer = %layer, error = %e, "recovery of the layer failed; fsck will report it");
+            }
+        }
+        self.remove_abandoned_inits();
+    }
+
+    /// Startup: removes this host's container init layers, `<id>-init`,
+    /// whose container layer `<id>` does not exist and that nothing has
+    /// mounted. dockerd makes a container's two layers in one call
+    /// (CreateReadWrite, Get and Put of `<id>-init`, then CreateReadWrite
+    /// of `<id>`) and records the container's mount only once both exist;
+    /// when that call fails halfway, a crash of this daemon among the
+    /// causes, it forgets the init layer and never removes it. At startup
+    /// no such call is in flight any more (dockerd's retry of a request
+    /// cut by the crash arrives without its body and fails), so such an
+    /// init layer is claimed by nothing.
+    fn remove_abandoned_inits(&self) {
+        let records = match self.list() {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list layers to find abandoned init layers");
+                return;
+            }
+        };
+        let ids: std::collections::HashSet<&str> = records.iter().map(|i| i.id.as_str()).collect();
+        for LayerInfo { id, record } in &records {
+            let Some(container) = id.strip_suffix("-init") else {
+                continue;
+            };
+            if record.kind != LayerKind::Init
+                || ids.contains(container)
+                || !record.holders.contains(&self.host_id)
+            {
+                continue;
+            }
+            let mounted =
+                matches!(self.local.get(&super::mounts::MOUNTS, id), Ok(Some(m)) if m.refcount > 0);
+            if mounted {
+                continue;
+            }
+            tracing::warn!(layer = %id, "removing an init layer whose container layer was never made (its create was cut short)");
+            if let Err(e) = self.remove(id) {
+                tracing::error!(layer = %id, error = %e, "removing an abandoned init layer failed; fsck will report it");
             }
         }
     }

@@ -57,6 +57,27 @@ fn cookie(home: &Path) -> String {
     format!("{boot}.{}", &digest[..16])
 }
 
+/// Blocklists the RADOS client of this host's previous run, which died
+/// holding the lease (a second live daemon on this Home is impossible: its
+/// local state is locked). What that client had open, an image it was
+/// resizing, a header it watched, stays "in use" for the OSDs' watch
+/// timeout otherwise, and recovery could not roll back or remove it. A
+/// failure only costs that wait, so it is logged, not returned.
+fn fence_previous_run(rados: &ceph_client::Rados, old_addr: &str, own_addr: &str) {
+    if old_addr.is_empty() || old_addr == own_addr {
+        return;
+    }
+    match rados.blocklist_add(old_addr, PREVIOUS_RUN_FENCE) {
+        Ok(()) => tracing::info!(
+            client_addr = old_addr,
+            "fenced the RADOS client of this host's previous run, so its open images and watches go at once"
+        ),
+        Err(e) => {
+            tracing::warn!(client_addr = old_addr, error = %e, "cannot fence this host's previous run; what it had open stays in use until the OSDs time its watches out")
+        }
+    }
+}
+
 struct Shared {
     stop: Mutex<bool>,
     wake: Condvar,
@@ -87,7 +108,13 @@ pub struct LeaseRequest<'a> {
     pub renew: Duration,
     /// This client's address, for fencing.
     pub client_addr: String,
+    /// The connection, to fence this host's previous run.
+    pub rados: &'a ceph_client::Rados,
 }
+
+/// How long the client of this host's dead previous run stays blocklisted:
+/// long past the OSDs' watch timeout, which is all the entry is for.
+const PREVIOUS_RUN_FENCE: Duration = Duration::from_secs(3600);
 
 impl HostLease {
     /// Takes the lease of `req.host` and writes its host record; refuses
@@ -136,6 +163,7 @@ impl HostLease {
                         Err(e) if e.is_not_found() => {}
                         Err(e) => return Err(ceph("lease break", format!("host {}", req.host))(e)),
                     }
+                    fence_previous_run(req.rados, &old.addr, &req.client_addr);
                 }
                 take(LockFlags::default()).map_err(ceph("lease", format!("host {}", req.host)))?;
             }

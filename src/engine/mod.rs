@@ -268,6 +268,7 @@ impl Engine {
             duration: settings.lease_duration,
             renew: settings.lease_renew,
             client_addr,
+            rados: &rados,
         })?;
         let engine = Self {
             settings,

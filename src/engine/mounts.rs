@@ -24,6 +24,7 @@ use metadata::{InitContent, LayerState};
 use serde::{Deserialize, Serialize};
 
 use super::{Engine, EngineError, Result, fs_err, mapper_err, now};
+use crate::crashpoint::{self, CrashPoint};
 use crate::fs::{self, MountSpec};
 use crate::localstate::Table;
 use crate::mapper::{self, MapRequest, MappedDevice};
@@ -266,6 +267,7 @@ impl Engine {
             idle_until: None,
         };
         self.local.put(&MOUNTS, id.as_str(), &m)?;
+        crashpoint::reached(CrashPoint::MapRecorded);
         let mut request = MapRequest::new(
             self.settings.pool.clone(),
             self.namespace(),
@@ -283,6 +285,7 @@ impl Engine {
                 return Err(mapper_err("map", id)(source));
             }
         };
+        crashpoint::reached(CrashPoint::Mapped);
         m.state = MountState::Mounting;
         m.device = Some(mapped.clone());
         self.local.put(&MOUNTS, id.as_str(), &m)?;
@@ -311,6 +314,7 @@ impl Engine {
             }
             return Err(e);
         }
+        crashpoint::reached(CrashPoint::Mounted);
         m.state = MountState::Mounted;
         m.refcount = 1;
         self.local.put(&MOUNTS, id.as_str(), &m)?;
@@ -332,6 +336,7 @@ impl Engine {
         }
         if fs::is_mounted(&m.mountpoint) {
             fs::umount(&m.mountpoint).map_err(fs_err("umount", id))?;
+            crashpoint::reached(CrashPoint::Unmounted);
         }
         if let Some(device) = &m.device {
             self.unmap_when_free(id, device)?;
@@ -416,6 +421,7 @@ impl Engine {
             image.to_string(),
         );
         let mapped = self.mapper.map(&request).map_err(mapper_err("map", id))?;
+        crashpoint::reached(CrashPoint::ResizeMapped);
         let shrunk = fs::resize_offline(self.runner.as_ref(), &mapped.device, bytes)
             .map_err(fs_err("resize", id));
         let unmapped = self.mapper.unmap(&mapped).map_err(mapper_err("unmap", id));
@@ -503,6 +509,66 @@ impl Engine {
             tracing::warn!(layer = %id, state = ?m.state, "clearing a stale mount");
             if let Err(e) = self.release(&id, &m) {
                 tracing::error!(layer = %id, error = %e, "clearing a stale mount failed");
+            }
+        }
+        self.unmap_orphans();
+    }
+
+    /// Startup, after the mount records are settled: unmaps what the
+    /// mapper has mapped of this driver's images (its pool, namespace and
+    /// names) that no mount record claims, a crash having come between the
+    /// map and its record, or inside a map that has no record (the base
+    /// image's formatting, an offline resize). Mounts of such a device
+    /// under this driver's home go first; one mounted elsewhere is left
+    /// alone, and said.
+    fn unmap_orphans(&self) {
+        let mapped = match self.mapper.list() {
+            Ok(mapped) => mapped,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list mappings to find orphans");
+                return;
+            }
+        };
+        let claimed: Vec<MappedDevice> = match self.local.list(&MOUNTS) {
+            Ok(rows) => rows
+                .into_iter()
+                .filter_map(|(_, row)| row.ok()?.device)
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read local mount state to find orphans");
+                return;
+            }
+        };
+        let naming = &self.settings.naming;
+        for device in mapped {
+            let spec = &device.spec;
+            let ours = spec.pool == self.settings.pool
+                && spec.namespace == self.namespace()
+                && (naming.layer_of_image(&spec.image).is_some()
+                    || naming.is_base_image(&spec.image));
+            if !ours || claimed.iter().any(|c| c.device == device.device) {
+                continue;
+            }
+            let image = spec.image.clone();
+            let mounted = fs::mounts_of(&device.device);
+            if let Some(elsewhere) = mounted.iter().find(|at| !at.starts_with(&self.home)) {
+                tracing::warn!(%image, device = %device.device.display(), at = %elsewhere.display(), "an unrecorded mapping is mounted outside the driver's home; leaving it");
+                continue;
+            }
+            let cleared = mounted
+                .iter()
+                .try_for_each(|at| fs::umount(at).map_err(|e| e.to_string()))
+                .and_then(|()| self.mapper.unmap(&device).map_err(|e| e.to_string()));
+            match cleared {
+                Ok(()) => {
+                    for at in &mounted {
+                        let _ = std::fs::remove_dir(at);
+                    }
+                    tracing::warn!(%image, device = %device.device.display(), "unmapped a mapping no mount record claims (left by a crash)");
+                }
+                Err(e) => {
+                    tracing::error!(%image, device = %device.device.display(), error = %e, "unmapping an unrecorded mapping failed")
+                }
             }
         }
     }
