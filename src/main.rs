@@ -463,6 +463,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Requests run on the blocking pool's threads; layer tree walks
+        // recurse, one frame per directory level, up to a bounded depth.
+        .thread_stack_size(graphdriver_api::diff::WALK_STACK_SIZE)
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {

@@ -126,6 +126,17 @@ pub enum ApplyError {
         #[source]
         source: IdMapError,
     },
+    /// Removing what an entry replaces or whites out meant descending a
+    /// tree deeper than [`MAX_TREE_DEPTH`](super::MAX_TREE_DEPTH).
+    #[error("tar entry {entry:?}: {step}: the tree there is more than {limit} directories deep")]
+    TooDeep {
+        /// The entry.
+        entry: String,
+        /// What was being done.
+        step: String,
+        /// The limit.
+        limit: usize,
+    },
     /// A system call failed while applying an entry.
     #[error("tar entry {entry:?}: {step}")]
     Entry {
@@ -425,7 +436,7 @@ impl Applier<'_> {
         };
         let cname = cname(name).map_err(|e| step_err(entry, "whiteout name", e))?;
         remove_all_at(dir.as_fd(), &cname, self.root.dev())
-            .map_err(|e| step_err(entry, format!("removing {:?}", lossy(name)), e))?;
+            .map_err(|e| removal_err(entry, format!("removing {:?}", lossy(name)), e))?;
         trace!(entry, "whiteout applied");
         Ok(())
     }
@@ -440,16 +451,20 @@ impl Applier<'_> {
         )
         .map_err(|e| step_err(entry, "opening the opaque directory", e))?;
         let mut dir = dir;
-        self.purge(&mut dir)
-            .map_err(|e| step_err(entry, "emptying the opaque directory", e))?;
+        self.purge(&mut dir, 0)
+            .map_err(|e| removal_err(entry, "emptying the opaque directory", e))?;
         trace!(entry, "opaque directory applied");
         Ok(())
     }
 
     /// Removes everything under `dir` that this tar did not add; keeps
     /// directories that (transitively) hold something it added. Returns
-    /// whether anything was kept.
-    fn purge(&self, dir: &mut Dir) -> Result<bool, Errno> {
+    /// whether anything was kept. `depth` levels below the opaque
+    /// directory; `ENAMETOOLONG` past [`MAX_TREE_DEPTH`](super::MAX_TREE_DEPTH).
+    fn purge(&self, dir: &mut Dir, depth: usize) -> Result<bool, Errno> {
+        if depth >= super::MAX_TREE_DEPTH {
+            return Err(Errno::ENAMETOOLONG);
+        }
         let st = fstat(dir.as_fd())?;
         if st.st_dev != self.root.dev() {
             return Err(Errno::EXDEV);
@@ -464,7 +479,7 @@ impl Applier<'_> {
                 .contains(&(st.st_dev, st.st_ino, name.as_bytes().to_vec()));
             if is_dir(&child) {
                 let mut sub = open_subdir(dir.as_fd(), &name)?;
-                let kept_inside = self.purge(&mut sub)?;
+                let kept_inside = self.purge(&mut sub, depth + 1)?;
                 if added || kept_inside {
                     kept = true;
                 } else {
@@ -514,7 +529,7 @@ impl Applier<'_> {
         let merge = existing.as_ref().is_some_and(is_dir) && is_dir_entry;
         if existing.is_some() && !merge {
             remove_all_at(dir, &cname, self.root.dev())
-                .map_err(|e| step_err(entry, "removing the existing path", e))?;
+                .map_err(|e| removal_err(entry, "removing the existing path", e))?;
         }
 
         match m.kind {
@@ -848,6 +863,19 @@ fn copy_data<R: Read>(
 
 fn cname_of(name: &[u8], entry: &str) -> Result<CString, ApplyError> {
     cname(name).map_err(|e| step_err(entry, "name", e))
+}
+
+/// [`step_err`] for the recursive removals, whose `ENAMETOOLONG` means the
+/// tree was too deep (see [`remove_all_at`]).
+fn removal_err(entry: &str, step: impl Into<String>, e: Errno) -> ApplyError {
+    if e == Errno::ENAMETOOLONG {
+        return ApplyError::TooDeep {
+            entry: entry.to_string(),
+            step: step.into(),
+            limit: super::MAX_TREE_DEPTH,
+        };
+    }
+    step_err(entry, step, e)
 }
 
 fn step_err(entry: &str, step: impl Into<String>, e: Errno) -> ApplyError {

@@ -25,7 +25,7 @@
 //! non-UTF-8 name is only lossy on the wire, never in a diff.
 
 use std::collections::HashSet;
-use std::ffi::{CStr, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -112,6 +112,14 @@ pub enum ChangesError {
         #[source]
         source: io::Error,
     },
+    /// The layer's tree is deeper than [`MAX_TREE_DEPTH`](super::MAX_TREE_DEPTH).
+    #[error("{path:?} in the layer tree is more than {limit} directories deep")]
+    TooDeep {
+        /// The directory at the limit.
+        path: String,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// Compares `layer` with `parent` (an empty tree when `None`) and lists the
@@ -135,13 +143,13 @@ pub fn changes_dirs(layer: &Path, parent: Option<&Path>) -> Result<Vec<LayerChan
                 source: e.into(),
             })
     };
-    let mut new_root = open("layer", layer)?;
-    let mut old_root = match parent {
+    let new_root = open("layer", layer)?;
+    let old_root = match parent {
         Some(p) => Some(open("parent", p)?),
         None => None,
     };
     let mut walker = Walker { out: Vec::new() };
-    walker.children(b"", &mut new_root, old_root.as_mut())?;
+    walker.walk(Level::open(Vec::new(), new_root, old_root, 0, true)?)?;
     let mut out = walker.out;
     out.sort_by(|a, b| {
         a.path
@@ -199,6 +207,72 @@ struct Walker {
     out: Vec<LayerChange>,
 }
 
+/// One directory being compared, in both trees: its entries and how far the
+/// merge of the two sorted listings got. The walk keeps a stack of these
+/// instead of recursing, so a deep tree costs heap, not stack.
+struct Level {
+    path: Vec<u8>,
+    new_dir: Dir,
+    old_dir: Option<Dir>,
+    new_names: Vec<(CString, u64)>,
+    old_names: Vec<(CString, u64)>,
+    /// Both trees on one device: equal inode numbers mean the same file.
+    same_device: bool,
+    i: usize,
+    j: usize,
+    /// Where this directory's own entry goes in the output if something
+    /// below it changed and it was not reported itself.
+    at_entry: usize,
+    reported: bool,
+}
+
+impl Level {
+    fn open(
+        path: Vec<u8>,
+        mut new_dir: Dir,
+        mut old_dir: Option<Dir>,
+        at_entry: usize,
+        reported: bool,
+    ) -> Result<Self, ChangesError> {
+        let new_names = read_names(&mut new_dir).map_err(|e| walk_err("layer", &path, e))?;
+        let new_dev = fstat(new_dir.as_fd())
+            .map_err(|e| walk_err("layer", &path, e))?
+            .st_dev;
+        let (old_names, same_device) = match old_dir.as_mut() {
+            Some(old) => {
+                let names = read_names(old).map_err(|e| walk_err("parent", &path, e))?;
+                let dev = fstat(old.as_fd())
+                    .map_err(|e| walk_err("parent", &path, e))?
+                    .st_dev;
+                (names, dev == new_dev)
+            }
+            None => (Vec::new(), false),
+        };
+        Ok(Self {
+            path,
+            new_dir,
+            old_dir,
+            new_names,
+            old_names,
+            same_device,
+            i: 0,
+            j: 0,
+            at_entry,
+            reported,
+        })
+    }
+}
+
+/// What one step of a directory's merge asks of the walk.
+enum Step {
+    /// Go on with this directory.
+    Next,
+    /// Compare this subdirectory first.
+    Descend(Level),
+    /// Every entry of this directory is compared.
+    Done,
+}
+
 fn child_path(parent: &[u8], name: &CStr) -> Vec<u8> {
     let mut p = parent.to_vec();
     p.push(b'/');
@@ -237,75 +311,32 @@ impl Walker {
         });
     }
 
-    /// Compares the children of the directory `path` in both trees.
-    fn children(
-        &mut self,
-        path: &[u8],
-        new_dir: &mut Dir,
-        old_dir: Option<&mut Dir>,
-    ) -> Result<(), ChangesError> {
-        let new_names = read_names(new_dir).map_err(|e| walk_err("layer", path, e))?;
-        let new_dev = fstat(new_dir.as_fd())
-            .map_err(|e| walk_err("layer", path, e))?
-            .st_dev;
-        let mut old_dir = old_dir;
-        let (old_names, same_device) = match old_dir.as_mut() {
-            Some(old) => {
-                let names = read_names(old).map_err(|e| walk_err("parent", path, e))?;
-                let dev = fstat(old.as_fd())
-                    .map_err(|e| walk_err("parent", path, e))?
-                    .st_dev;
-                (names, dev == new_dev)
-            }
-            None => (Vec::new(), false),
-        };
-        let old_fd = old_dir.as_ref().map(|d| d.as_fd());
-
-        let (mut i, mut j) = (0, 0);
-        while i < new_names.len() || j < old_names.len() {
-            let order = match (new_names.get(i), old_names.get(j)) {
-                (Some(n), Some(o)) => n.0.as_bytes().cmp(o.0.as_bytes()),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                _ => std::cmp::Ordering::Greater,
-            };
-            match order {
-                std::cmp::Ordering::Less => {
-                    let (name, _) = &new_names[i];
-                    i += 1;
-                    let cpath = child_path(path, name);
-                    if let Some(nst) = stat_child(new_dir.as_fd(), name, "layer", &cpath)? {
-                        self.visit(cpath, new_dir.as_fd(), name, nst, None)?;
+    /// Compares the trees under `root`, depth first, up to
+    /// [`MAX_TREE_DEPTH`](super::MAX_TREE_DEPTH) directories deep.
+    fn walk(&mut self, root: Level) -> Result<(), ChangesError> {
+        let mut stack = vec![root];
+        while let Some(top) = stack.last_mut() {
+            match self.step(top)? {
+                Step::Next => {}
+                Step::Descend(level) => {
+                    if stack.len() >= super::MAX_TREE_DEPTH {
+                        return Err(ChangesError::TooDeep {
+                            path: String::from_utf8_lossy(&level.path).into_owned(),
+                            limit: super::MAX_TREE_DEPTH,
+                        });
                     }
+                    stack.push(level);
                 }
-                std::cmp::Ordering::Greater => {
-                    let (name, _) = &old_names[j];
-                    j += 1;
-                    let cpath = child_path(path, name);
-                    if let Some(old) = old_fd
-                        && stat_child(old, name, "parent", &cpath)?.is_some()
-                    {
-                        self.push(cpath, ChangeKind::Delete);
-                    }
-                }
-                std::cmp::Ordering::Equal => {
-                    let (name, new_ino) = &new_names[i];
-                    let old_ino = old_names[j].1;
-                    i += 1;
-                    j += 1;
-                    if same_device && *new_ino == old_ino {
-                        continue;
-                    }
-                    let cpath = child_path(path, name);
-                    let Some(old) = old_fd else { continue };
-                    let nst = stat_child(new_dir.as_fd(), name, "layer", &cpath)?;
-                    let ost = stat_child(old, name, "parent", &cpath)?;
-                    match (nst, ost) {
-                        (Some(nst), Some(ost)) => {
-                            self.visit(cpath, new_dir.as_fd(), name, nst, Some((old, ost)))?;
-                        }
-                        (Some(nst), None) => self.visit(cpath, new_dir.as_fd(), name, nst, None)?,
-                        (None, Some(_)) => self.push(cpath, ChangeKind::Delete),
-                        (None, None) => {}
+                Step::Done => {
+                    let done = stack.pop().expect("the top level exists");
+                    if self.out.len() > done.at_entry && !done.reported {
+                        self.out.insert(
+                            done.at_entry,
+                            LayerChange {
+                                path: PathBuf::from(OsStr::from_bytes(&done.path)),
+                                kind: ChangeKind::Modify,
+                            },
+                        );
                     }
                 }
             }
@@ -313,7 +344,69 @@ impl Walker {
         Ok(())
     }
 
-    /// One entry present in the layer (moby's `addChanges`).
+    /// Compares the next name of `level` in either tree.
+    fn step(&mut self, level: &mut Level) -> Result<Step, ChangesError> {
+        let order = match (level.new_names.get(level.i), level.old_names.get(level.j)) {
+            (Some(n), Some(o)) => n.0.as_bytes().cmp(o.0.as_bytes()),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => return Ok(Step::Done),
+        };
+        let new_fd = level.new_dir.as_fd();
+        let old_fd = level.old_dir.as_ref().map(|d| d.as_fd());
+        let descend = match order {
+            std::cmp::Ordering::Less => {
+                let name = &level.new_names[level.i].0;
+                level.i += 1;
+                let cpath = child_path(&level.path, name);
+                match stat_child(new_fd, name, "layer", &cpath)? {
+                    Some(nst) => self.visit(cpath, new_fd, name, nst, None)?,
+                    None => None,
+                }
+            }
+            std::cmp::Ordering::Greater => {
+                let name = &level.old_names[level.j].0;
+                level.j += 1;
+                let cpath = child_path(&level.path, name);
+                if let Some(old) = old_fd
+                    && stat_child(old, name, "parent", &cpath)?.is_some()
+                {
+                    self.push(cpath, ChangeKind::Delete);
+                }
+                None
+            }
+            std::cmp::Ordering::Equal => {
+                let (name, new_ino) = &level.new_names[level.i];
+                let old_ino = level.old_names[level.j].1;
+                level.i += 1;
+                level.j += 1;
+                let Some(old) = old_fd else {
+                    return Ok(Step::Next);
+                };
+                if level.same_device && *new_ino == old_ino {
+                    return Ok(Step::Next);
+                }
+                let cpath = child_path(&level.path, name);
+                let nst = stat_child(new_fd, name, "layer", &cpath)?;
+                let ost = stat_child(old, name, "parent", &cpath)?;
+                match (nst, ost) {
+                    (Some(nst), Some(ost)) => {
+                        self.visit(cpath, new_fd, name, nst, Some((old, ost)))?
+                    }
+                    (Some(nst), None) => self.visit(cpath, new_fd, name, nst, None)?,
+                    (None, Some(_)) => {
+                        self.push(cpath, ChangeKind::Delete);
+                        None
+                    }
+                    (None, None) => None,
+                }
+            }
+        };
+        Ok(descend.map_or(Step::Next, Step::Descend))
+    }
+
+    /// One entry present in the layer (moby's `addChanges`): reports it if
+    /// added or modified; a directory is returned to be compared next.
     fn visit(
         &mut self,
         path: Vec<u8>,
@@ -321,7 +414,7 @@ impl Walker {
         name: &CStr,
         nst: FileStat,
         old: Option<(BorrowedFd<'_>, FileStat)>,
-    ) -> Result<(), ChangesError> {
+    ) -> Result<Option<Level>, ChangesError> {
         let at_entry = self.out.len();
         let reported = match &old {
             None => {
@@ -338,15 +431,15 @@ impl Walker {
             }
         };
         if !is_dir(&nst) {
-            return Ok(());
+            return Ok(None);
         }
-        let mut new_sub = match open_subdir(new_parent, name) {
+        let new_sub = match open_subdir(new_parent, name) {
             Ok(d) => d,
             // Replaced or removed while we looked: nothing to descend into.
-            Err(Errno::ENOENT) | Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => return Ok(()),
+            Err(Errno::ENOENT) | Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => return Ok(None),
             Err(e) => return Err(walk_err("layer", &path, e)),
         };
-        let mut old_sub = match &old {
+        let old_sub = match &old {
             Some((old_parent, ost)) if is_dir(ost) => match open_subdir(*old_parent, name) {
                 Ok(d) => Some(d),
                 Err(Errno::ENOENT) | Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => None,
@@ -354,17 +447,7 @@ impl Walker {
             },
             _ => None,
         };
-        self.children(&path, &mut new_sub, old_sub.as_mut())?;
-        if self.out.len() > at_entry && !reported {
-            self.out.insert(
-                at_entry,
-                LayerChange {
-                    path: PathBuf::from(OsStr::from_bytes(&path)),
-                    kind: ChangeKind::Modify,
-                },
-            );
-        }
-        Ok(())
+        Level::open(path, new_sub, old_sub, at_entry, reported).map(Some)
     }
 }
 

@@ -280,8 +280,17 @@ pub(crate) fn read_names(dir: &mut Dir) -> Result<Vec<(CString, u64)>, Errno> {
 
 /// Removes `name` in `dir` and everything below it, like `rm -rf`, without
 /// following symlinks and without leaving the filesystem `dev`. Absent is
-/// success.
+/// success. `ENAMETOOLONG` (which removing names read from a directory
+/// cannot otherwise give) when the tree is deeper than
+/// [`MAX_TREE_DEPTH`](super::MAX_TREE_DEPTH) below `dir`.
 pub(crate) fn remove_all_at(dir: BorrowedFd<'_>, name: &CStr, dev: u64) -> Result<(), Errno> {
+    remove_all_below(dir, name, dev, 0)
+}
+
+fn remove_all_below(dir: BorrowedFd<'_>, name: &CStr, dev: u64, depth: usize) -> Result<(), Errno> {
+    if depth >= super::MAX_TREE_DEPTH {
+        return Err(Errno::ENAMETOOLONG);
+    }
     match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => return Ok(()),
         Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
@@ -301,7 +310,7 @@ pub(crate) fn remove_all_at(dir: BorrowedFd<'_>, name: &CStr, dev: u64) -> Resul
         return Err(Errno::EXDEV);
     }
     for (child, _) in read_names(&mut sub)? {
-        remove_all_at(sub.as_fd(), &child, dev)?;
+        remove_all_below(sub.as_fd(), &child, dev, depth + 1)?;
     }
     match unlinkat(dir, name, UnlinkatFlags::RemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => Ok(()),

@@ -36,6 +36,21 @@
 
 pub mod apply;
 pub mod changes;
+
+/// How deep a layer's tree may go for the walks that descend it (comparing
+/// trees, removing what a whiteout, an opaque directory or a replacing
+/// entry of an applied tar removes): they keep one directory open per
+/// level, so a tree made deeper than this (a tar can chain entries through
+/// in-layer symlinks without limit) gets an error naming it. Far beyond
+/// any real image: the kernel resolves paths of at most 4096 bytes, about
+/// 2048 levels.
+pub const MAX_TREE_DEPTH: usize = 4096;
+
+/// The stack a thread needs to run those walks to [`MAX_TREE_DEPTH`]
+/// (the removals recurse, a frame per level; measured in debug builds,
+/// whose frames are the larger): the plugin's request threads get it.
+/// Reserved, not committed: a thread touches only what its walk uses.
+pub const WALK_STACK_SIZE: usize = 16 << 20;
 mod confine;
 pub mod export;
 pub mod idmap;
