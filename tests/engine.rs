@@ -931,8 +931,9 @@ fn init_layers_with_the_same_files_share_one_sealed_layer_and_others_do_not() {
     engine.put(&rw).unwrap();
 
     // A daemon killed while dockerd writes an init layer: the restarted
-    // one drops the overlay and the parent's mount; the layer stays
-    // pending and works on the next Get.
+    // one drops the overlay and the parent's mount, and removes the init
+    // layer, which dockerd forgets when the container's create fails (its
+    // container layer was never made). The create tried again works.
     let d = format!("{}-init", hex(66));
     engine.create(&d, &image, &init_layer()).unwrap();
     let root = engine.get(&d, "").unwrap();
@@ -946,10 +947,15 @@ fn init_layers_with_the_same_files_share_one_sealed_layer_and_others_do_not() {
         "{mounts:?}"
     );
     assert!(!docker_rbd::fs::is_mounted(&root));
-    assert_eq!(
-        fx.record(&engine, &d).unwrap().init,
-        Some(metadata::InitContent::Pending)
+    assert!(
+        fx.record(&engine, &d).is_none(),
+        "the abandoned init layer is removed"
     );
+    assert!(
+        fx.record(&engine, &rw).is_some() && fx.record(&engine, &a).is_some(),
+        "an init layer with its container layer stays"
+    );
+    engine.create(&d, &image, &init_layer()).unwrap();
     let root = engine.get(&d, "").unwrap();
     write_init_files(&root, None);
     engine.put(&d).unwrap();

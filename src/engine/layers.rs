@@ -631,8 +631,8 @@ impl Engine {
     }
 
     /// Startup: removes this host's container init layers, `<id>-init`,
-    /// whose container layer `<id>` does not exist and that nothing has
-    /// mounted. dockerd makes a container's two layers in one call
+    /// whose container layer `<id>` does not exist, that no layer is made
+    /// from and that nothing has mounted. dockerd makes a container's two layers in one call
     /// (CreateReadWrite, Get and Put of `<id>-init`, then CreateReadWrite
     /// of `<id>`) and records the container's mount only once both exist;
     /// when that call fails halfway, a crash of this daemon among the
@@ -649,12 +649,17 @@ impl Engine {
             }
         };
         let ids: std::collections::HashSet<&str> = records.iter().map(|i| i.id.as_str()).collect();
+        let parents: std::collections::HashSet<&str> = records
+            .iter()
+            .filter_map(|i| i.record.parent.as_deref())
+            .collect();
         for LayerInfo { id, record } in &records {
             let Some(container) = id.strip_suffix("-init") else {
                 continue;
             };
             if record.kind != LayerKind::Init
                 || ids.contains(container)
+                || parents.contains(id.as_str())
                 || !record.holders.contains(&self.host_id)
             {
                 continue;
