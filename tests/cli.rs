@@ -284,9 +284,15 @@ fn run(fleet: Option<&TestFleet>, args: &[&str]) -> Out {
             .args(["--namespace", &f.namespace]);
     }
     let out = cmd.output().expect("run docker-rbd");
+    let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&out.status) {
+        stderr.push_str(&format!(
+            "[docker-rbd {args:?} was killed by signal {signal}]"
+        ));
+    }
     Out {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stderr,
         code: out.status.code().unwrap_or(-1),
     }
 }
