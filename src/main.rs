@@ -319,7 +319,7 @@ fn main() -> Result<()> {
     }
     let inspect = |action: &str, r: Result<()>| -> Result<()> {
         match r {
-            Ok(()) => Ok(()),
+            Ok(()) => cli::exit_now(0),
             Err(e) => cli::fail(action, &e),
         }
     };
@@ -370,7 +370,7 @@ fn usage_error(what: &str) -> ! {
         libc::EINVAL,
         cli::strerror(libc::EINVAL)
     );
-    std::process::exit(libc::EINVAL);
+    cli::exit_now(libc::EINVAL);
 }
 
 fn init_logging() {

@@ -194,7 +194,21 @@ pub fn fail(action: &str, err: &anyhow::Error) -> ! {
         "docker-rbd: {action} failed: ({errno}) {}: {detail}",
         strerror(errno)
     );
-    std::process::exit(errno);
+    exit_now(errno);
+}
+
+/// Ends an inspection command with `code`, output flushed, without the
+/// process's exit handlers: librados' and librbd's C++ static destructors
+/// race with their own threads at exit (seen as `terminate called after
+/// throwing an instance of 'std::system_error'`, or a bare SIGSEGV, after
+/// the command's work was done), the more so with a connection still open.
+pub fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit takes an int and does not return; nothing of this
+    // process is used after it.
+    unsafe { libc::_exit(code) }
 }
 
 /// Writes `text` to stdout; a closed pipe (`| head`) is not an error.

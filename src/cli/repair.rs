@@ -57,7 +57,8 @@ pub fn fsck(args: &FsckArgs) -> Result<()> {
         table(&["PROBLEM", "NAME", "IMAGE", "GC", "DETAIL"], &cells)
     })?;
     if !problems.is_empty() {
-        std::process::exit(PROBLEMS_FOUND);
+        drop(conn);
+        super::exit_now(PROBLEMS_FOUND);
     }
     Ok(())
 }
