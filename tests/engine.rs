@@ -988,3 +988,56 @@ fn init_layers_with_the_same_files_share_one_sealed_layer_and_others_do_not() {
         .collect();
     assert!(images.is_empty(), "images left: {images:?}");
 }
+
+/// dockerd restarted with other `--storage-opt rbd.*` values calls `Init`
+/// again on the same Home while the plugin runs: the running engine must
+/// give way (its local state and lease) and the new settings hold.
+#[test]
+fn init_again_with_other_settings_on_the_same_home_switches_to_them() {
+    use graphdriver_api::GraphDriver;
+    use graphdriver_api::types::InitRequest;
+    let test = "init_again_with_other_settings_on_the_same_home_switches_to_them";
+    let Some(fx) = Fixture::new(test, &[]) else {
+        return;
+    };
+    let ceph = testkit::ceph::require(test).expect("cluster");
+    let mut flags = RawSettings::default();
+    for (k, v) in [
+        ("conf", ceph.conf.display().to_string()),
+        ("id", ceph.id.clone()),
+        ("keyring", ceph.keyring.display().to_string()),
+        ("pool", ceph.pool.clone()),
+        ("namespace", fx.settings.namespace.clone()),
+        ("mapper", "fuse".to_string()),
+        ("basesize", "256M".to_string()),
+        ("hostid", "h-reinit".to_string()),
+    ] {
+        flags.set(k, &v, Source::Flag);
+    }
+    let plugin = docker_rbd::plugin::RbdPlugin::new(flags, None);
+    let home = fx.home.path().join("rbd");
+    let init = |depth: &str| {
+        plugin.init(InitRequest {
+            home: home.display().to_string(),
+            opts: vec![format!("rbd.flattendepth={depth}")],
+            uid_maps: Vec::new(),
+            gid_maps: Vec::new(),
+        })
+    };
+    let flatten_depth = || {
+        plugin
+            .status()
+            .expect("status")
+            .into_iter()
+            .find(|(k, _)| k == "Flatten Depth")
+            .map(|(_, v)| v)
+    };
+    init("5").expect("first init");
+    assert_eq!(flatten_depth().as_deref(), Some("5"));
+    init("7").expect("init again, other settings, same Home");
+    assert_eq!(flatten_depth().as_deref(), Some("7"));
+    // The same settings again keep the running engine.
+    init("7").expect("init again, same settings");
+    assert_eq!(flatten_depth().as_deref(), Some("7"));
+    plugin.cleanup().expect("cleanup");
+}
