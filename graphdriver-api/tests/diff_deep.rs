@@ -12,7 +12,7 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use diff_support::{Ent, tar_of};
+use diff_support::{Ent, error_chain, tar_of};
 use graphdriver_api::diff::{
     ApplyError, ChangesError, IdMappings, MAX_TREE_DEPTH, WALK_STACK_SIZE, apply_layer,
     changes_dirs,
@@ -89,17 +89,6 @@ fn enough_descriptors(levels: usize) -> bool {
         lim.rlim_cur = lim.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use diff_support::{Ent, Sandbox, TarBuf, need_root, snapshot, symlink, tar_of};
+use diff_support::{Ent, Sandbox, TarBuf, error_chain, need_root, snapshot, symlink, tar_of};
 use graphdriver_api::diff::{IdMappings, apply_layer};
 use proptest::prelude::*;
 
@@ -21,17 +21,6 @@ enum Expect {
     Err(&'static str),
     /// Succeeds; then the check runs on the root.
     Ok(fn(&Path)),
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Applies `tar` in a fresh sandbox, checks the outside is untouched and the

@@ -593,3 +593,15 @@ impl Sandbox {
         snapshot_skip(self.dir.path(), &[b"root"])
     }
 }
+
+/// An error and its sources, `: `-joined, as the driver reports them.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
