@@ -207,7 +207,11 @@ impl Rados {
 
     /// Fences a client: the OSDs refuse its operations for `expire` (rounded
     /// up to whole seconds; zero means the cluster default, one hour). Waits
-    /// until this handle has the OSD map carrying the entry.
+    /// until this handle has the OSD map carrying the entry. An OSD refuses
+    /// the fenced client once it has that map too: the next operation of this
+    /// handle makes it catch up, so what the fencer writes after this call is
+    /// never overwritten by the fenced client, though a write of the fenced
+    /// client that reaches an OSD before any such operation may still land.
     pub fn blocklist_add(&self, client_addr: &str, expire: Duration) -> Result<()> {
         let addr = cstr("rados_blocklist_add", "client address", client_addr)?;
         let mut bytes = addr.into_bytes_with_nul();

@@ -196,16 +196,22 @@ fn break_lock_of_a_dead_holder() {
     assert_eq!(holder.client, format!("client.{}", rados_b.instance_id()));
     assert_eq!(holder.addr, rados_b.client_addr().unwrap());
 
-    // Fence the holder, then break its lock.
+    // Fence the holder, then break its lock. An OSD applies the blocklist
+    // when it has the map carrying it; the fencer's own operation (sent with
+    // that map's epoch) makes the OSD catch up first, so from then on the
+    // fenced client is refused. Before it, a zombie write could still land.
+    let _g2 = ObjectGuard::new(&t.io, "owned-by-b");
     t.rados
         .blocklist_add(&holder.addr, Duration::from_secs(60))
         .unwrap();
+    t.io.write_full("owned-by-b", b"new owner").unwrap();
     let e = io_b.write_full("owned-by-b", b"zombie write").unwrap_err();
     assert_eq!(
         e.errno(),
         Some(108),
         "a blocklisted client is refused (EBLOCKLISTED): {e}"
     );
+    assert_eq!(t.io.read("owned-by-b").unwrap(), b"new owner");
 
     let e =
         t.io.break_lock("owned", "l", &holder.client, "wrong-cookie")
