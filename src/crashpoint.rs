@@ -54,6 +54,10 @@ crash_points! {
     /// `Create` with `size=`: the image is mapped to resize its
     /// filesystem, the record still says `Creating`.
     ResizeMapped => "resize-mapped",
+    /// `Create` with `size=` on xfs: the layer is mounted to grow its
+    /// filesystem or set its project quota, the record still says
+    /// `Creating`.
+    CreateMounted => "create-mounted",
     /// Sealing a parent: its snapshot is taken, its record not yet marked
     /// sealed.
     SealSnapshotted => "seal-snapshotted",

@@ -461,6 +461,13 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("[{}] failed; {}", self.test, self.plugin_log_tail(80));
+            // The whole log, for a failure the tail does not explain.
+            if let (Ok(dir), Some(p)) = (std::env::var("DOCKER_RBD_TEST_LOG_DIR"), &self.plugin) {
+                let to = std::path::Path::new(&dir).join(format!("{}.plugin.log", self.test));
+                if std::fs::write(&to, p.log()).is_ok() {
+                    eprintln!("[{}] plugin log saved to {}", self.test, to.display());
+                }
+            }
             if let Some(d) = &self.dockerd {
                 eprintln!("--- dockerd log ---\n{}", d.log_tail(60));
             }
@@ -2047,7 +2054,7 @@ struct Step {
 /// The life of an image and a container, reaching every crash point:
 /// import (base image, create, clone, map, mount, unmount), a container's
 /// create (seal, shared init layer) and two starts, a size-limited run
-/// (offline resize), removal (purge).
+/// (an offline resize on ext4, an online grow on xfs), removal (purge).
 const CRASH_SCENARIO: &[Step] = &[
     Step {
         args: &["import", "@rootfs", "crash:1"],
@@ -2306,7 +2313,14 @@ fn a_crash_at_every_point_is_recovered_by_a_restart() {
     let mut matrix = Vec::new();
     for &point in &points {
         let test = format!("crash_at_{}", point.name().replace('-', "_"));
-        let Some(mut fx) = Fixture::start_armed(&test, &[], Duration::from_secs(300), Some(point))
+        // The scenario's `size=2G` on the 1 GiB base grows the layer: ext4
+        // offline (resize-mapped), xfs online, mounted (create-mounted).
+        let flags: &[&str] = match point {
+            CrashPoint::CreateMounted => &["--fs", "xfs"],
+            _ => &[],
+        };
+        let Some(mut fx) =
+            Fixture::start_armed(&test, flags, Duration::from_secs(300), Some(point))
         else {
             return;
         };

@@ -92,7 +92,7 @@ impl Engine {
                 }
                 LayerState::Creating if rec.created_by == self.host_id => {
                     tracing::warn!("rolling back an interrupted earlier create");
-                    self.finish_removal(&id, rec)?;
+                    self.roll_back_create(&id, rec)?;
                 }
                 LayerState::Removing => {
                     // Removed, its purge still queued: finish it first.
@@ -193,7 +193,7 @@ impl Engine {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "create failed; rolling back");
-                if let Err(undo) = self.finish_removal(&id, &record) {
+                if let Err(undo) = self.roll_back_create(&id, &record) {
                     tracing::error!(error = %undo, "rolling back a failed create failed; fsck will report it");
                 }
                 Err(e)
@@ -480,6 +480,15 @@ impl Engine {
         })
     }
 
+    /// Removes a layer whose create did not finish. Create itself mounts
+    /// the layer it makes (an xfs grow, a project quota) and nobody else
+    /// can, so a mount of it here, left by a crash or a failed unmount, is
+    /// torn down first whatever its count.
+    fn roll_back_create(&self, id: &LayerId, rec: &LayerRecord) -> Result<()> {
+        self.release_local(id, false)?;
+        self.finish_removal(id, rec)
+    }
+
     /// Removes the layer's snapshot and image (each absent is fine) and
     /// then its record.
     pub(crate) fn finish_removal(&self, id: &LayerId, rec: &LayerRecord) -> Result<()> {
@@ -598,7 +607,7 @@ impl Engine {
             let result = match record.state {
                 LayerState::Creating if record.created_by == self.host_id => {
                     tracing::warn!(layer = %layer, "rolling back a create interrupted by a crash");
-                    self.finish_removal(&layer, &record)
+                    self.roll_back_create(&layer, &record)
                 }
                 LayerState::Removing => {
                     tracing::warn!(layer = %layer, "finishing a removal interrupted by a crash or shutdown");

@@ -437,6 +437,7 @@ impl Engine {
         f: impl FnOnce(&std::path::Path, &std::path::Path, &std::path::Path) -> Result<(), fs::FsError>,
     ) -> Result<()> {
         let rootfs = self.get_locked(id, mount_label, true)?;
+        crashpoint::reached(CrashPoint::CreateMounted);
         let result = (|| {
             let m = self
                 .local
