@@ -11,7 +11,12 @@
 //! Each point sits right after one step of a change is durable and before
 //! the next: the recorded intent and the world disagree there, which is
 //! what recovery has to sort out.
+//!
+//! In-process tests can instead run code at a point on one thread
+//! ([`on_this_thread`]), e.g. to hold a request there while something else
+//! runs concurrently.
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 /// The environment variable naming the point to die at.
@@ -101,9 +106,40 @@ fn armed() -> Option<CrashPoint> {
     })
 }
 
-/// Aborts the process if this is a debug build and [`ENV`] names `point`.
+type Hook = (CrashPoint, Box<dyn FnOnce()>);
+
+thread_local! {
+    static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` once, the next time the calling thread reaches `point` (debug
+/// builds only; a later call replaces an unused hook). Other threads are
+/// not affected, so tests running side by side do not see each other's
+/// hooks.
+pub fn on_this_thread(point: CrashPoint, f: impl FnOnce() + 'static) {
+    HOOK.with(|h| *h.borrow_mut() = Some((point, Box::new(f))));
+}
+
+/// Aborts the process if this is a debug build and [`ENV`] names `point`;
+/// first runs this thread's hook for `point` ([`on_this_thread`]), if any.
 pub fn reached(point: CrashPoint) {
-    if cfg!(debug_assertions) && armed() == Some(point) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let hook = HOOK.with(|h| {
+        let mut h = h.borrow_mut();
+        match h.take() {
+            Some((at, f)) if at == point => Some(f),
+            other => {
+                *h = other;
+                None
+            }
+        }
+    });
+    if let Some(f) = hook {
+        f();
+    }
+    if armed() == Some(point) {
         eprintln!("docker-rbd: crash point {point} reached; aborting as {ENV} asks");
         std::process::abort();
     }
@@ -123,6 +159,25 @@ mod tests {
                 "{p}"
             );
         }
+    }
+
+    #[test]
+    fn a_hook_runs_once_on_its_thread_at_its_point() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        on_this_thread(CrashPoint::Mounted, move || {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        reached(CrashPoint::Unmounted);
+        std::thread::spawn(|| reached(CrashPoint::Mounted))
+            .join()
+            .unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "other point, other thread");
+        reached(CrashPoint::Mounted);
+        reached(CrashPoint::Mounted);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -1041,3 +1041,90 @@ fn init_again_with_other_settings_on_the_same_home_switches_to_them() {
     assert_eq!(flatten_depth().as_deref(), Some("7"));
     plugin.cleanup().expect("cleanup");
 }
+
+/// Runs `op` on a thread of its own that stops at `point` until `during`
+/// (run on another thread) has returned, or for at most a second: a
+/// `during` that waits for `op` (as it should when both touch the same
+/// layer) lets it go on after that second. Returns what `op` returned.
+fn during_an_operation<T: Send + 'static>(
+    point: docker_rbd::crashpoint::CrashPoint,
+    op: impl FnOnce() -> T + Send + 'static,
+    during: impl FnOnce() + Send + 'static,
+) -> T {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let (at_point, reached) = mpsc::channel();
+    let (done, finished) = mpsc::channel::<()>();
+    let op = std::thread::spawn(move || {
+        docker_rbd::crashpoint::on_this_thread(point, move || {
+            at_point.send(()).unwrap();
+            let _ = finished.recv_timeout(Duration::from_secs(1));
+        });
+        op()
+    });
+    reached
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("the operation never reached {point}"));
+    let during = std::thread::spawn(move || {
+        during();
+        let _ = done.send(());
+    });
+    let result = op.join().expect("the operation panicked");
+    during.join().expect("the concurrent call panicked");
+    result
+}
+
+/// dockerd's Init again runs recovery while the plugin serves: a create
+/// (with flatten) or a Get in flight is waited for, not taken for a
+/// crash's leftover and undone.
+#[test]
+fn recovery_waits_for_requests_in_flight() {
+    use docker_rbd::crashpoint::CrashPoint;
+    let Some(fx) = Fixture::new(
+        "recovery_waits_for_requests_in_flight",
+        &[("flattendepth", "1")],
+    ) else {
+        return;
+    };
+    let engine = Arc::new(fx.engine());
+    let (base, mid, child) = (hex(1201), hex(1202), hex(1203));
+    engine.create(&base, "", &image_layer()).unwrap();
+    let root = engine.get(&base, "").unwrap();
+    std::fs::write(root.join("f"), b"in the parent").unwrap();
+    engine.put(&base).unwrap();
+    engine.create(&mid, &base, &image_layer()).unwrap();
+
+    // A create held after its record says Creating, recovery meanwhile.
+    let (e1, e2) = (engine.clone(), engine.clone());
+    let (p, c) = (mid.clone(), child.clone());
+    let created = during_an_operation(
+        CrashPoint::CreateRecorded,
+        move || e1.create(&c, &p, &image_layer()),
+        move || e2.recover(),
+    );
+    created.expect("the create comes through recovery");
+    let rec = fx.record(&engine, &child).expect("record");
+    assert_eq!(rec.state, LayerState::Created);
+    let img = Image::open_read_only(&fx.ioctx, &rec.image, None).expect("the image exists");
+    assert!(img.parent().unwrap().is_none(), "depth 2: flattened");
+    drop(img);
+
+    // A Get held between its map and the record naming the device.
+    let (e1, e2) = (engine.clone(), engine.clone());
+    let c = child.clone();
+    let got = during_an_operation(
+        CrashPoint::Mapped,
+        move || e1.get(&c, ""),
+        move || e2.recover(),
+    );
+    let root = got.expect("the Get comes through recovery");
+    assert_eq!(std::fs::read(root.join("f")).unwrap(), b"in the parent");
+    let m = engine.mount_record(&child).unwrap().expect("mount record");
+    assert_eq!(m.refcount, 1);
+    assert!(m.device.is_some(), "{m:?}");
+    engine.put(&child).unwrap();
+    assert!(engine.mount_record(&child).unwrap().is_none());
+    for id in [&child, &mid, &base] {
+        engine.remove(id).unwrap();
+    }
+}

@@ -23,6 +23,12 @@ const LOCK_NAME: &str = "docker-rbd.base";
 /// How long a lock holder may take before others may assume it died.
 const LOCK_DURATION: Duration = Duration::from_secs(300);
 
+/// The key of the in-process layer lock held while base image
+/// `image` is made. A layer id never contains `/`, so it names no layer.
+pub(crate) fn base_lock_key(image: &str) -> String {
+    format!("base/{image}")
+}
+
 impl Engine {
     /// The base image's name, making the image first if needed.
     pub(crate) fn ensure_base(&self) -> Result<String> {
@@ -33,6 +39,9 @@ impl Engine {
         if self.base_ready(&name)? {
             return Ok(name);
         }
+        // Within this daemon: the mapping made below has no mount record,
+        // and recovery leaves it alone while this is held.
+        let _held = self.locks.lock(&[&base_lock_key(&name)]);
         let object = self.settings.naming.base_lock_object();
         let cookie = format!("{}.{}", self.host_id, std::process::id());
         let started = Instant::now();

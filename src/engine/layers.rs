@@ -588,9 +588,10 @@ impl Engine {
         Ok(out)
     }
 
-    /// Startup: roll back creates this host left half done, finish removals
-    /// anyone left half done, and collect retired layers whose clones are
-    /// gone.
+    /// Startup, or dockerd's Init again: roll back creates this host left
+    /// half done, finish removals anyone left half done, and collect
+    /// retired layers whose clones are gone. Each is decided under the
+    /// layer's lock on its record as it is then.
     pub(crate) fn recover_layers(&self) {
         let records = match self.list() {
             Ok(records) => records,
@@ -606,8 +607,20 @@ impl Engine {
             };
             let result = match record.state {
                 LayerState::Creating if record.created_by == self.host_id => {
-                    tracing::warn!(layer = %layer, "rolling back a create interrupted by a crash");
-                    self.roll_back_create(&layer, &record)
+                    // A create still running (dockerd's Init again while
+                    // the plugin serves) holds the lock to its end.
+                    self.lock_layer(&layer).and_then(|_held| {
+                        match self.store.layers().get(layer.as_str())? {
+                            Some(current)
+                                if current.value.state == LayerState::Creating
+                                    && current.value.image == record.image =>
+                            {
+                                tracing::warn!(layer = %layer, "rolling back a create interrupted by a crash");
+                                self.roll_back_create(&layer, &current.value)
+                            }
+                            _ => Ok(()),
+                        }
+                    })
                 }
                 LayerState::Removing => {
                     tracing::warn!(layer = %layer, "finishing a removal interrupted by a crash or shutdown");

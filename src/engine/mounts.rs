@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use metadata::{InitContent, LayerState};
 use serde::{Deserialize, Serialize};
 
+use super::base::base_lock_key;
 use super::{Engine, EngineError, Result, fs_err, mapper_err, now};
 use crate::crashpoint::{self, CrashPoint};
 use crate::fs::{self, MountSpec};
@@ -463,7 +464,11 @@ impl Engine {
         }
     }
 
-    /// Startup: adopt mounts that survived, clear the rest.
+    /// Startup, or dockerd's Init again: adopt mounts that survived, clear
+    /// the rest. Each layer is looked at under its lock, its record read
+    /// again there: a `Get` or `Put` still running (the plugin keeps
+    /// serving while dockerd restarts) is waited for, never taken for a
+    /// crash's leftover.
     pub(crate) fn recover_mounts(&self) {
         let rows = match self.local.list(&MOUNTS) {
             Ok(rows) => rows,
@@ -483,11 +488,20 @@ impl Engine {
                 let _ = self.local.remove(&MOUNTS, &key);
                 continue;
             };
-            let m = match row {
-                Ok(m) => m,
+            if let Err(e) = row {
+                tracing::warn!(layer = %id, error = %e, "dropping an unreadable mount record");
+                let _ = self.local.remove(&MOUNTS, &key);
+                continue;
+            }
+            let locked = self
+                .lock_layer(&id)
+                .and_then(|held| Ok((held, self.local.get(&MOUNTS, id.as_str())?)));
+            let (_held, m) = match locked {
+                Ok((held, Some(m))) => (held, m),
+                // Put away meanwhile.
+                Ok((_, None)) => continue,
                 Err(e) => {
-                    tracing::warn!(layer = %id, error = %e, "dropping an unreadable mount record");
-                    let _ = self.local.remove(&MOUNTS, &key);
+                    tracing::error!(layer = %id, error = %e, "cannot lock and read the mount record; leaving it");
                     continue;
                 }
             };
@@ -530,24 +544,31 @@ impl Engine {
                 return;
             }
         };
-        let claimed: Vec<MappedDevice> = match self.local.list(&MOUNTS) {
-            Ok(rows) => rows
-                .into_iter()
-                .filter_map(|(_, row)| row.ok()?.device)
-                .collect(),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read local mount state to find orphans");
-                return;
-            }
-        };
         let naming = &self.settings.naming;
         for device in mapped {
             let spec = &device.spec;
-            let ours = spec.pool == self.settings.pool
-                && spec.namespace == self.namespace()
-                && (naming.layer_of_image(&spec.image).is_some()
-                    || naming.is_base_image(&spec.image));
-            if !ours || claimed.iter().any(|c| c.device == device.device) {
+            if spec.pool != self.settings.pool || spec.namespace != self.namespace() {
+                continue;
+            }
+            // Whoever maps the image holds this lock while it does, until
+            // a mount record names the device (or it is unmapped again).
+            let key = match naming.layer_of_image(&spec.image) {
+                Some(layer) => layer.to_string(),
+                None if naming.is_base_image(&spec.image) => base_lock_key(&spec.image),
+                None => continue,
+            };
+            let _held = self.locks.lock(&[&key]);
+            let claimed = match self.local.list(&MOUNTS) {
+                Ok(rows) => rows
+                    .into_iter()
+                    .filter_map(|(_, row)| row.ok()?.device)
+                    .any(|c| c.device == device.device),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read local mount state to find orphans");
+                    return;
+                }
+            };
+            if claimed {
                 continue;
             }
             let image = spec.image.clone();
