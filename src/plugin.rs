@@ -61,6 +61,15 @@ pub enum PluginError {
         /// What is wrong.
         reason: String,
     },
+    /// The Home could not be made a private mount.
+    #[error("cannot make Home {home} a private mount")]
+    PrivateHome {
+        /// The Home.
+        home: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::fs::FsError,
+    },
     /// The engine failed.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -326,6 +335,17 @@ impl RbdPlugin {
         }
         let maps = IdMappings::new(req.uid_maps.clone(), req.gid_maps.clone())?;
         self.diff.set_id_mappings(maps);
+        // Layer and FUSE mounts go below the Home: they stay in this
+        // mount namespace (dockerd's) and are seen nowhere else.
+        std::fs::create_dir_all(&home).map_err(|e| EngineError::Io {
+            op: "create",
+            path: home.clone(),
+            source: e,
+        })?;
+        crate::fs::make_private(&home).map_err(|source| PluginError::PrivateHome {
+            home: home.clone(),
+            source,
+        })?;
         let current = driver(&self.engine).ok();
         let engine = match current {
             Some(existing)

@@ -399,7 +399,17 @@ impl Fixture {
             "{status:?}"
         );
         let home = self.driver_home();
-        let mounts = testkit::mounts::mounts_under(None, &home).unwrap();
+        // The Home itself stays a private mount of its own.
+        assert_eq!(
+            docker_rbd::fs::is_private_mount(&home),
+            Some(true),
+            "the Home is a private mount"
+        );
+        let mounts: Vec<_> = testkit::mounts::mounts_under(None, &home)
+            .unwrap()
+            .into_iter()
+            .filter(|m| Some(m) != home.canonicalize().ok().as_ref())
+            .collect();
         assert!(
             mounts.is_empty(),
             "mounts left under the driver home: {mounts:?}"

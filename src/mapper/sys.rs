@@ -88,6 +88,10 @@ pub(crate) struct MountEntry {
     pub fstype: String,
     /// Mount source.
     pub source: String,
+    /// Whether it propagates mount events: it is `shared:N` (peers) or
+    /// `master:N` (a slave) in mountinfo's optional fields; a private
+    /// mount is neither.
+    pub propagates: bool,
 }
 
 /// Parses mountinfo text (octal escapes like `\040` decoded).
@@ -96,6 +100,10 @@ pub(crate) fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
             let mountpoint = left.split(' ').nth(4)?;
+            let propagates = left
+                .split(' ')
+                .skip(6)
+                .any(|tag| tag.starts_with("shared:") || tag.starts_with("master:"));
             let mut right = right.split(' ');
             let fstype = right.next()?;
             let source = right.next().unwrap_or("");
@@ -103,6 +111,7 @@ pub(crate) fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 mountpoint: PathBuf::from(unescape(mountpoint)),
                 fstype: fstype.to_string(),
                 source: unescape(source),
+                propagates,
             })
         })
         .collect()
@@ -156,6 +165,10 @@ mod tests {
         assert_eq!(m[1].fstype, "fuse.docker-rbd");
         assert_eq!(m[1].source, "docker-rbd:rbd/a");
         assert_eq!(m[2].mountpoint, PathBuf::from("/with space"));
+        assert_eq!(
+            m.iter().map(|m| m.propagates).collect::<Vec<_>>(),
+            [true, true, false]
+        );
         assert!(parse_mountinfo("garbage\n").is_empty());
     }
 
