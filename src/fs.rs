@@ -286,18 +286,26 @@ pub fn umount(target: &Path) -> Result<(), FsError> {
 /// device busy after it is unmounted here. Mounts already below keep
 /// theirs. Doing it again changes nothing.
 pub fn make_private(dir: &Path) -> Result<(), FsError> {
-    if !is_mounted(dir) {
-        nix::mount::mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(sys("bind mount", dir))?;
+    let private = || {
+        nix::mount::mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+    };
+    // Tried first rather than looked up in mountinfo, which also lists a
+    // mount that a later mount above it hides (dockerd binds its data root
+    // onto itself when it starts): EINVAL says `dir` is no mount point.
+    match private() {
+        Ok(()) => return Ok(()),
+        Err(nix::Error::EINVAL) => {}
+        Err(e) => return Err(sys("make private", dir)(e)),
     }
-    nix::mount::mount(
-        None::<&str>,
-        dir,
-        None::<&str>,
-        MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(sys("make private", dir))
+    nix::mount::mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(sys("bind mount", dir))?;
+    private().map_err(sys("make private", dir))
 }
 
 /// Whether the mount at exactly `target` is private (propagates nothing);

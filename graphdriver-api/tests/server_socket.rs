@@ -270,3 +270,61 @@ fn shutdown_signal_needs_a_runtime() {
         Err(ServerError::NoRuntime)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_no_header_in_time_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::at(dir.path().join("rbd.sock"));
+    config.header_timeout = Duration::from_millis(300);
+    let server = TestServer::start_with(FakeDriver::new(), dir, config).await;
+    // Half a header, then nothing: the slow client goes.
+    let mut slow = server.connect().await;
+    slow.send(b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\n")
+        .await
+        .unwrap();
+    assert!(slow.is_closed().await, "closed after the header timeout");
+    // Nothing at all after a request: an idle connection goes too.
+    let mut idle = server.connect().await;
+    assert_eq!(idle.call("Plugin.Activate", "").await.status, 200);
+    assert!(idle.is_closed().await, "idle connection closed");
+    // A client that sends its request is served, its driver call untimed.
+    let mut prompt = server.connect().await;
+    assert_eq!(prompt.call("Plugin.Activate", "").await.status, 200);
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::at(dir.path().join("rbd.sock"));
+    config.max_connections = 2;
+    let server = TestServer::start_with(FakeDriver::new(), dir, config).await;
+    let mut a = server.connect().await;
+    assert_eq!(a.call("Plugin.Activate", "").await.status, 200);
+    let mut b = server.connect().await;
+    assert_eq!(b.call("Plugin.Activate", "").await.status, 200);
+    // Both stay open (keep-alive): a third waits to be accepted.
+    let mut c = server.connect().await;
+    c.send(&dockerd_json_request("Plugin.Activate", ""))
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), c.read_response())
+            .await
+            .is_err(),
+        "a third connection was served while two were open"
+    );
+    drop(a);
+    assert_eq!(c.response().await.status, 200, "served once one closed");
+    assert_eq!(b.call("Plugin.Activate", "").await.status, 200);
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_connection_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::at(dir.path().join("rbd.sock"));
+    config.max_connections = 0;
+    let err = start_error(config).await;
+    assert!(matches!(err, ServerError::NoConnections), "{err:?}");
+}

@@ -15,8 +15,10 @@
 //!
 //! Writes are atomic as dockerd's own are: a file is written beside its
 //! target and renamed over it; a directory is filled in the staging
-//! directory `<Home>/.fleet-staging` (on the same filesystem, outside every
-//! directory dockerd lists) and renamed into place. Nothing here talks to
+//! directory `image/<driver>/.docker-rbd-staging` (on the same mount as
+//! every target: the driver's Home is a mount of its own, so it cannot
+//! be there; outside every directory dockerd lists) and renamed into
+//! place. Nothing here talks to
 //! dockerd: it reads these files only at start, after `Init`.
 
 use std::collections::BTreeMap;
@@ -165,10 +167,11 @@ impl DockerRoot {
     pub fn of_home(home: &Path) -> Option<DockerRoot> {
         let driver = home.file_name()?.to_str()?.to_string();
         let root = home.parent()?.to_path_buf();
+        let staging = root.join("image").join(&driver).join(".docker-rbd-staging");
         Some(DockerRoot {
             root,
             driver,
-            staging: home.join(".fleet-staging"),
+            staging,
         })
     }
 
@@ -687,6 +690,6 @@ mod tests {
         assert_eq!(root.add_tags(&refs).unwrap(), 0);
         assert_eq!(root.tags().unwrap(), refs);
         root.clear_staging().unwrap();
-        assert!(!home.join(".fleet-staging").exists());
+        assert!(!root.root().join("image/rbd/.docker-rbd-staging").exists());
     }
 }

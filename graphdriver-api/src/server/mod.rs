@@ -47,10 +47,15 @@ mod handler;
 pub mod request;
 mod socket;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::oneshot;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::Semaphore;
 
 pub use self::handler::{JSON_BODY_LIMIT, JSON_CONTENT_TYPE};
 pub use self::request::{Endpoint, ParseError, QueryError, Request, RouteError};
@@ -58,6 +63,9 @@ pub use self::socket::{
     PLUGIN_SOCKET_DIR, ServerConfig, ServerError, SocketGroup, shutdown_signal,
 };
 use crate::driver::GraphDriver;
+
+/// How long the accept loop pauses after `accept` failed (e.g. `EMFILE`).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The whole protocol as an axum service: every path and method goes to one
 /// handler, which answers unknown paths 404 and other methods 405.
@@ -74,6 +82,11 @@ pub fn router<D: GraphDriver>(driver: Arc<D>) -> axum::Router {
 /// on a file that is not a socket. The socket gets `config.mode` and
 /// `config.group` before it is reachable.
 ///
+/// At most `config.max_connections` connections are served at once (more
+/// wait to be accepted); one that does not send a request header within
+/// `config.header_timeout` is closed. A failed `accept` (out of file
+/// descriptors) is logged and tried again shortly.
+///
 /// When `shutdown` completes the server stops accepting, lets in-flight
 /// requests finish (for at most `config.shutdown_grace`), closes idle
 /// connections, and removes the socket file (only if it is still the one it
@@ -84,43 +97,80 @@ pub async fn serve<D: GraphDriver>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let (listener, bound) = socket::bind(&config).await?;
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = axum::serve(listener, router(driver))
-        .with_graceful_shutdown(async move {
-            // Dropping the sender also means stop.
-            let _ = stop_rx.await;
-        })
-        .into_future();
-    let mut server = Box::pin(server);
+    let service = TowerToHyperService::new(router(driver));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout);
+    let connections = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
-    let served = tokio::select! {
-        result = &mut server => result,
-        () = &mut shutdown => {
-            tracing::info!(socket = %bound.path.display(), "shutting down: finishing in-flight requests");
-            let _ = stop_tx.send(());
-            match config.shutdown_grace {
-                None => (&mut server).await,
-                Some(grace) => match tokio::time::timeout(grace, &mut server).await {
-                    Ok(result) => result,
-                    Err(_elapsed) => {
-                        tracing::warn!(
-                            grace_secs = grace.as_secs_f64(),
-                            "in-flight requests did not finish in time; stopping anyway"
-                        );
-                        Ok(())
-                    }
-                },
+    let mut at_limit = false;
+    loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                at_limit = false;
+                slot
+            }
+            Err(_) => {
+                if !at_limit {
+                    tracing::warn!(
+                        max_connections = config.max_connections,
+                        "connection limit reached; new connections wait until one closes"
+                    );
+                    at_limit = true;
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_closed) => break,
+                    },
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed; trying again");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let connection =
+            connections.watch(http.serve_connection(TokioIo::new(stream), service.clone()));
+        let header_timeout = config.header_timeout;
+        tokio::spawn(async move {
+            match connection.await {
+                Err(e) if e.is_timeout() => tracing::info!(
+                    header_timeout_secs = header_timeout.as_secs_f64(),
+                    "closed a connection that sent no request header in time"
+                ),
+                Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+                Ok(()) => {}
+            }
+            drop(slot);
+        });
+    }
+    tracing::info!(socket = %bound.path.display(), "shutting down: finishing in-flight requests");
+    drop(listener);
+    match config.shutdown_grace {
+        None => connections.shutdown().await,
+        Some(grace) => {
+            if tokio::time::timeout(grace, connections.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    grace_secs = grace.as_secs_f64(),
+                    "in-flight requests did not finish in time; stopping anyway"
+                );
             }
         }
-    };
-    // Closes the listener if a grace timeout left the server future alive.
-    drop(server);
-    let removed = bound.remove().await;
-    served.map_err(|source| ServerError::Serve {
-        path: bound.path.clone(),
-        source,
-    })?;
-    removed?;
+    }
+    bound.remove().await?;
     tracing::info!(socket = %bound.path.display(), "server stopped");
     Ok(())
 }

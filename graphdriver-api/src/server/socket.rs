@@ -50,6 +50,14 @@ pub struct ServerConfig {
     /// After the shutdown signal, how long in-flight requests may take before
     /// the server stops waiting for them (`None`: wait for ever).
     pub shutdown_grace: Option<Duration>,
+    /// How long a connection may take to send a request's header, counted
+    /// from when the server starts waiting for it (so an idle keep-alive
+    /// connection is closed after it too). A request's body and the
+    /// driver's work have no limit.
+    pub header_timeout: Duration,
+    /// At most this many connections are served at once; more wait in the
+    /// socket's backlog until one closes. At least 1.
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -57,6 +65,10 @@ impl ServerConfig {
     pub const DEFAULT_MODE: u32 = 0o600;
     /// Default [`ServerConfig::shutdown_grace`].
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+    /// Default [`ServerConfig::header_timeout`].
+    pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Default [`ServerConfig::max_connections`]: dockerd keeps a few.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 
     /// The socket dockerd discovers for the plugin `name`:
     /// `/run/docker/plugins/<name>.sock`, mode 0600, no group change.
@@ -71,6 +83,8 @@ impl ServerConfig {
             mode: Self::DEFAULT_MODE,
             group: None,
             shutdown_grace: Some(Self::DEFAULT_SHUTDOWN_GRACE),
+            header_timeout: Self::DEFAULT_HEADER_TIMEOUT,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -84,6 +98,9 @@ pub enum ServerError {
         /// The configured path.
         path: PathBuf,
     },
+    /// The connection limit is zero.
+    #[error("the connection limit must be at least 1")]
+    NoConnections,
     /// The mode has bits beyond the permission bits.
     #[error("socket mode {mode:o} is not a permission mode (at most 7777 octal)")]
     InvalidMode {
@@ -195,15 +212,6 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
-    /// The server loop failed.
-    #[error("serving on {path}")]
-    Serve {
-        /// The socket path.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
     /// The socket file could not be removed at shutdown.
     #[error("removing socket {path}")]
     RemoveSocket {
@@ -246,6 +254,9 @@ pub(crate) async fn bind(config: &ServerConfig) -> Result<(UnixListener, SocketF
     let path = config.socket.clone();
     if config.mode > 0o7777 {
         return Err(ServerError::InvalidMode { mode: config.mode });
+    }
+    if config.max_connections == 0 {
+        return Err(ServerError::NoConnections);
     }
     let (dir, file_name) = match (path.parent(), path.file_name()) {
         (Some(dir), Some(name)) => (
