@@ -261,6 +261,13 @@ struct ServeArgs {
     /// Group owning the socket (name or gid).
     #[arg(long = "socket-group", value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Connections served at once; more wait until one closes.
+    #[arg(long = "max-connections", default_value_t = ServerConfig::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    max_connections: usize,
+    /// Seconds a connection may take to send a request header (an idle
+    /// keep-alive connection is closed after as long).
+    #[arg(long = "header-timeout", default_value_t = ServerConfig::DEFAULT_HEADER_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86400), value_name = "SECS")]
+    header_timeout: u64,
     /// Where the plugin keeps what must survive its own restart but not a
     /// reboot (the accepted Init request). Use a tmpfs.
     #[arg(
@@ -447,6 +454,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         None => ServerConfig::for_plugin(&args.name),
     };
     config.mode = args.socket_mode;
+    config.max_connections = args.max_connections;
+    config.header_timeout = std::time::Duration::from_secs(args.header_timeout);
     config.group = args.socket_group.as_deref().map(|g| {
         g.parse::<SocketGroup>()
             .unwrap_or_else(|never| match never {})
