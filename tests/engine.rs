@@ -313,6 +313,15 @@ fn get_and_put_are_reference_counted() {
     let b = engine.get(&l1, "").unwrap();
     assert_eq!(a, b);
     assert_eq!(engine.mount_record(&l1).unwrap().unwrap().refcount, 2);
+    // Removing a layer still in use is refused; it stays whole.
+    let err = engine.remove(&l1).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Conflict { reason, .. } if reason.contains("in use")),
+        "{err}"
+    );
+    assert_eq!(fx.record(&engine, &l1).unwrap().state, LayerState::Created);
+    assert_eq!(engine.mount_record(&l1).unwrap().unwrap().refcount, 2);
+    assert!(docker_rbd::fs::is_mounted(a.parent().unwrap()));
     engine.put(&l1).unwrap();
     assert!(docker_rbd::fs::is_mounted(a.parent().unwrap()));
     engine.put(&l1).unwrap();

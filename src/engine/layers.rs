@@ -372,7 +372,20 @@ impl Engine {
             .map(LayerId::parse)
             .transpose()?;
         let _held = self.lock_layer(&id)?;
-        self.release_local(&id, true)?;
+        // dockerd Puts a layer before it removes it; one still in use
+        // (a running container's root) stays, and so does its mount.
+        if let Some(m) = self.mount_record(id.as_str())?
+            && m.refcount > 0
+        {
+            return Err(EngineError::Conflict {
+                layer: id.to_string(),
+                reason: format!(
+                    "is in use: mounted with {} Get(s) not yet Put; Put it before removing it",
+                    m.refcount
+                ),
+            });
+        }
+        self.release_local(&id, false)?;
         // Dropping the last holder and leaving `Created` are one
         // compare-and-set: a host adding itself as holder meanwhile
         // either lands first (and the layer stays) or sees it retired.
