@@ -17,15 +17,25 @@ pub struct InvalidLayerId {
     pub reason: &'static str,
 }
 
-/// A Docker layer id: 1 to 64 lowercase letters and digits, optionally
-/// followed by `-init`.
+/// A layer id: what Docker's own drivers accept, a name that could be a
+/// file name: 1 to 255 bytes, no `/` and no NUL, not `.` or `..`.
 ///
 /// dockerd's own layer and mount ids are 64 hex digits (`<mount id>-init`
 /// for a container's init layer); BuildKit's build snapshots are 25
-/// base-36 characters. Nothing else may appear, so an id can never smuggle
-/// a `/`, `@` or `.` into an image or object name.
+/// base-36 characters; Docker's driver tests use names such as `Base`.
+/// Ids reach RBD image names and file names only through
+/// [`LayerId::encoded`] and [`LayerId::file_name`], which keep to
+/// lowercase letters, digits, `-` and `_`, so an id can never smuggle a
+/// `/`, `@`, `.` or space into an image, object or path.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LayerId(String);
+
+/// Longest [`LayerId`] in bytes (a file name's limit).
+pub const MAX_LAYER_ID_LEN: usize = 255;
+
+/// Longest [`LayerId::file_name`] that is the encoded id itself; longer
+/// ones are hashed.
+const MAX_FILE_NAME: usize = 200;
 
 impl LayerId {
     /// Validates `id`.
@@ -37,15 +47,17 @@ impl LayerId {
         if id.is_empty() {
             return Err(err("empty"));
         }
-        let base = id.strip_suffix("-init").unwrap_or(id);
-        if base.is_empty() || base.len() > 64 {
-            return Err(err("not 1 to 64 characters (optionally followed by -init)"));
+        if id.len() > MAX_LAYER_ID_LEN {
+            return Err(err("longer than 255 bytes"));
         }
-        if !base
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
-        {
-            return Err(err("not lowercase letters and digits"));
+        if id == "." || id == ".." {
+            return Err(err("not a name (. or ..)"));
+        }
+        if id.contains('/') {
+            return Err(err("contains '/'"));
+        }
+        if id.contains('\0') {
+            return Err(err("contains a NUL byte"));
         }
         Ok(Self(id.to_string()))
     }
@@ -64,6 +76,62 @@ impl LayerId {
         &self.0
     }
 
+    /// The id as it stands in RBD image names: itself when it is only
+    /// lowercase letters, digits and `-` (every id dockerd and BuildKit
+    /// send, so their images keep their names), else each other byte as
+    /// `_` and two hex digits (`Base` is `_42ase`). Reversible
+    /// ([`LayerId::from_encoded`]), and never the same for two ids.
+    pub fn encoded(&self) -> String {
+        let mut out = String::with_capacity(self.0.len());
+        for b in self.0.bytes() {
+            if b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("_{b:02x}"));
+            }
+        }
+        out
+    }
+
+    /// The id an [`LayerId::encoded`] form stands for; `None` if `text` is
+    /// not one.
+    pub fn from_encoded(text: &str) -> Option<Self> {
+        let bytes = text.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'_' => {
+                    let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                    if hex.bytes().any(|b| b.is_ascii_uppercase()) {
+                        return None;
+                    }
+                    out.push(u8::from_str_radix(hex, 16).ok()?);
+                    i += 3;
+                }
+                b => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        let id = Self::parse(&String::from_utf8(out).ok()?).ok()?;
+        // Only the canonical spelling: one name, one id.
+        (id.encoded() == text).then_some(id)
+    }
+
+    /// The name of the layer's directories under the Home: the encoded
+    /// id, or when that is longer than 200 characters `_h` and the
+    /// id's SHA-256 (a form the encoding never makes).
+    pub fn file_name(&self) -> String {
+        let encoded = self.encoded();
+        if encoded.len() <= MAX_FILE_NAME {
+            encoded
+        } else {
+            format!("_h{}", crate::digest::sha256_hex(self.0.as_bytes()))
+        }
+    }
+
     /// The id of the shared init layer over image layer `parent` holding
     /// the init files whose fingerprint is `fingerprint`: `s` and 59 hex
     /// digits of their SHA-256, then `-init`. Never a dockerd id (those are
@@ -80,7 +148,12 @@ impl LayerId {
 
     /// A short form for humans (the first 12 characters, like `docker ps`).
     pub fn short(&self) -> &str {
-        &self.0[..self.0.len().min(12)]
+        let end = self
+            .0
+            .char_indices()
+            .nth(12)
+            .map_or(self.0.len(), |(i, _)| i);
+        &self.0[..end]
     }
 }
 
@@ -174,16 +247,17 @@ impl Naming {
         &self.prefix
     }
 
-    /// RBD image of a layer: `<prefix>layer.<id>`.
+    /// RBD image of a layer: `<prefix>layer.<encoded id>`
+    /// ([`LayerId::encoded`]).
     pub fn layer_image(&self, id: &LayerId) -> String {
-        format!("{}layer.{}", self.prefix, id)
+        format!("{}layer.{}", self.prefix, id.encoded())
     }
 
     /// The layer id an image name belongs to, if it is one of our layer
     /// images.
     pub fn layer_of_image(&self, image: &str) -> Option<LayerId> {
         let rest = image.strip_prefix(&self.prefix)?.strip_prefix("layer.")?;
-        LayerId::parse(rest).ok()
+        LayerId::from_encoded(rest)
     }
 
     /// RBD image holding the formatted base filesystem every parentless
@@ -249,25 +323,82 @@ mod tests {
     }
 
     #[test]
-    fn rejects_everything_else() {
+    fn accepts_what_dockers_own_drivers_accept() {
+        // Docker's graphdriver tests use such ids.
+        for id in [
+            "Base", "Snap", "rbdTest", "a b", "a.b", "x@y", "日本", "-init", "...",
+        ] {
+            assert_eq!(LayerId::parse(id).unwrap().as_str(), id);
+        }
+        assert!(LayerId::parse(&"x".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn rejects_what_cannot_be_a_file_name() {
         for bad in [
             "",
-            &HEX.to_uppercase(),
-            &format!("{HEX}0"),
-            &format!("{HEX}-ini"),
+            ".",
+            "..",
             &format!("../{}", &HEX[3..]),
             &format!("{}/x", &HEX[2..]),
-            &format!("{}@s", &HEX[2..]),
-            "a.b",
-            "a_b",
-            "a b",
-            "-init",
-            "x-init-init",
+            "a\0b",
+            &"x".repeat(256),
         ] {
             let err = LayerId::parse(bad).unwrap_err();
             assert!(err.to_string().contains("invalid layer id"), "{bad}: {err}");
         }
         assert_eq!(LayerId::parse_parent("").unwrap(), None);
+    }
+
+    #[test]
+    fn encoding_keeps_todays_names_and_is_reversible() {
+        let n = Naming::new(Naming::DEFAULT_PREFIX).unwrap();
+        for today in [HEX, &format!("{HEX}-init"), "q1w2e3r4t5y6u7i8o9p0asdfg"] {
+            let id = LayerId::parse(today).unwrap();
+            assert_eq!(id.encoded(), today);
+            assert_eq!(id.file_name(), today);
+        }
+        assert_eq!(LayerId::parse("Base").unwrap().encoded(), "_42ase");
+        assert_eq!(LayerId::parse("a_b").unwrap().encoded(), "a_5fb");
+        for id in [
+            "Base",
+            "a_b",
+            "a b",
+            "x@y.z",
+            "日本",
+            "_42ase",
+            "...",
+            &"Z".repeat(255),
+        ] {
+            let id = LayerId::parse(id).unwrap();
+            let encoded = id.encoded();
+            assert!(
+                encoded.bytes().all(|b| b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || b == b'-'
+                    || b == b'_'),
+                "{encoded}"
+            );
+            assert_eq!(
+                LayerId::from_encoded(&encoded),
+                Some(id.clone()),
+                "{encoded}"
+            );
+            assert_eq!(n.layer_of_image(&n.layer_image(&id)), Some(id.clone()));
+            assert!(id.file_name().len() <= 200 + 2);
+        }
+        // Not the canonical spelling, or no encoding at all.
+        for bad in ["_4", "_zz", "_4A", "_61", "a/b", "", "_2e"] {
+            assert_eq!(LayerId::from_encoded(bad), None, "{bad}");
+        }
+        let long = LayerId::parse(&"Z".repeat(255)).unwrap();
+        assert!(long.file_name().starts_with("_h"), "hashed when long");
+        assert_eq!(
+            LayerId::parse("日本日本日本日本日本日本日本")
+                .unwrap()
+                .short(),
+            "日本日本日本日本日本日本"
+        );
     }
 
     #[test]

@@ -313,7 +313,8 @@ fn get_and_put_are_reference_counted() {
     let b = engine.get(&l1, "").unwrap();
     assert_eq!(a, b);
     assert_eq!(engine.mount_record(&l1).unwrap().unwrap().refcount, 2);
-    // Removing a layer still in use is refused; it stays whole.
+    // Removing a layer still in use waits a while for its Puts, then is
+    // refused; it stays whole.
     let err = engine.remove(&l1).unwrap_err();
     assert!(
         matches!(&err, EngineError::Conflict { reason, .. } if reason.contains("in use")),
@@ -328,7 +329,20 @@ fn get_and_put_are_reference_counted() {
     assert!(!docker_rbd::fs::is_mounted(a.parent().unwrap()));
     assert!(engine.mount_record(&l1).unwrap().is_none());
     engine.put(&l1).unwrap();
+    // A user that Puts while the removal waits: the removal goes on.
+    engine.get(&l1, "").unwrap();
+    let engine = Arc::new(engine);
+    let late = {
+        let engine = engine.clone();
+        let l1 = l1.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            engine.put(&l1).unwrap();
+        })
+    };
     engine.remove(&l1).unwrap();
+    late.join().unwrap();
+    assert!(fx.record(&engine, &l1).is_none());
 }
 
 #[test]
@@ -1136,4 +1150,60 @@ fn recovery_waits_for_requests_in_flight() {
     for id in [&child, &mid, &base] {
         engine.remove(id).unwrap();
     }
+}
+
+/// Docker's own drivers take any id that could be a file name, and its
+/// graphdriver tests use `Base`, `Snap` and `rbdTest`: such layers work,
+/// their images named reversibly, today's hex ids keeping their names.
+#[test]
+fn layer_ids_are_what_dockers_own_drivers_accept() {
+    let Some(fx) = Fixture::new("layer_ids_are_what_dockers_own_drivers_accept", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let long = "Z".repeat(255);
+    let ids = [
+        "Base",
+        "Snap",
+        "rbdTest",
+        "with space, comma: colon=",
+        long.as_str(),
+    ];
+    let mut parent = String::new();
+    for (n, id) in ids.iter().enumerate() {
+        engine.create(id, &parent, &image_layer()).unwrap();
+        let root = engine.get(id, "").unwrap();
+        std::fs::write(root.join(format!("file-{n}")), id.as_bytes()).unwrap();
+        engine.put(id).unwrap();
+        parent = id.to_string();
+    }
+    let images = fx.images();
+    for expected in [
+        "docker-rbd.layer._42ase",
+        "docker-rbd.layer._53nap",
+        "docker-rbd.layer.rbd_54est",
+    ] {
+        assert!(images.contains(expected), "{expected} in {images:?}");
+    }
+    let naming = &fx.settings.naming;
+    let listed: BTreeSet<String> = engine.list().unwrap().into_iter().map(|l| l.id).collect();
+    for id in ids {
+        assert!(listed.contains(id), "{id:?} listed");
+        let rec = fx.record(&engine, id).unwrap();
+        assert_eq!(naming.layer_of_image(&rec.image).unwrap().as_str(), id);
+    }
+    // The last layer sees every layer's file: the chain is whole.
+    let top = engine.get(&long, "").unwrap();
+    for (n, id) in ids.iter().enumerate() {
+        assert_eq!(
+            std::fs::read(top.join(format!("file-{n}"))).unwrap(),
+            id.as_bytes()
+        );
+    }
+    engine.put(&long).unwrap();
+    for id in ids.iter().rev() {
+        engine.remove(id).unwrap();
+    }
+    let err = engine.create("a/b", "", &image_layer()).unwrap_err();
+    assert!(err.to_string().contains("invalid layer id"), "{err}");
 }

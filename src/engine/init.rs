@@ -145,7 +145,7 @@ impl Engine {
     }
 
     fn init_dir(&self, id: &LayerId) -> PathBuf {
-        self.home.join("init").join(id.as_str())
+        self.home.join("init").join(id.file_name())
     }
 
     /// `Get` of a pending init layer: an overlay over its parent's mount.
@@ -542,7 +542,7 @@ impl Engine {
     }
 
     fn mountpoint_dir(&self, id: &LayerId) -> PathBuf {
-        self.home.join("mnt").join(id.as_str())
+        self.home.join("mnt").join(id.file_name())
     }
 }
 

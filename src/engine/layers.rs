@@ -6,6 +6,7 @@ use ceph_client::IoCtx;
 use ceph_client::rbd::{self, Image, ImageOptions};
 use metadata::{InitContent, LayerKind, LayerRecord, LayerState};
 
+use super::locks::Held;
 use super::{Engine, EngineError, Result, ceph, fs_err, now};
 use crate::config::FsType;
 use crate::crashpoint::{self, CrashPoint};
@@ -51,6 +52,9 @@ pub struct LayerInfo {
 
 /// Smallest `size=` accepted: below this a filesystem is of no use.
 pub const MIN_LAYER_SIZE: u64 = 16 << 20;
+
+/// How long a removal waits for a layer's last users to Put it.
+pub const REMOVE_IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Engine {
     pub(crate) fn image_options(&self) -> ImageOptions {
@@ -371,20 +375,7 @@ impl Engine {
             .as_deref()
             .map(LayerId::parse)
             .transpose()?;
-        let _held = self.lock_layer(&id)?;
-        // dockerd Puts a layer before it removes it; one still in use
-        // (a running container's root) stays, and so does its mount.
-        if let Some(m) = self.mount_record(id.as_str())?
-            && m.refcount > 0
-        {
-            return Err(EngineError::Conflict {
-                layer: id.to_string(),
-                reason: format!(
-                    "is in use: mounted with {} Get(s) not yet Put; Put it before removing it",
-                    m.refcount
-                ),
-            });
-        }
+        let _held = self.lock_unused(&id)?;
         self.release_local(&id, false)?;
         // Dropping the last holder and leaving `Created` are one
         // compare-and-set: a host adding itself as holder meanwhile
@@ -406,6 +397,33 @@ impl Engine {
         Ok(self
             .mark_removing(&id, rec)?
             .map(|record| Purge { id, record, parent }))
+    }
+
+    /// Locks layer `id` for its removal once nothing has it mounted.
+    /// dockerd Puts a layer before it removes it, but may remove one whose
+    /// request it gave up on while that request still runs here (its
+    /// client gone, it is about to fail and Put): such users are waited
+    /// for, up to [`REMOVE_IN_USE_WAIT`]. A layer still in use after that
+    /// (a running container's root) is refused, its mount left alone.
+    fn lock_unused(&self, id: &LayerId) -> Result<Held<'_>> {
+        let started = std::time::Instant::now();
+        loop {
+            let held = self.lock_layer(id)?;
+            let users = self.mount_record(id.as_str())?.map_or(0, |m| m.refcount);
+            if users == 0 {
+                return Ok(held);
+            }
+            if started.elapsed() >= REMOVE_IN_USE_WAIT {
+                return Err(EngineError::Conflict {
+                    layer: id.to_string(),
+                    reason: format!(
+                        "is in use: mounted with {users} Get(s) not yet Put; Put it before removing it"
+                    ),
+                });
+            }
+            drop(held);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// The slow half of a removal (snapshot, image, record; then parents

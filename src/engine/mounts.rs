@@ -115,7 +115,7 @@ pub const MOUNTS: Table<MountRecord> = Table::new("mounts");
 
 impl Engine {
     fn mountpoint(&self, id: &LayerId) -> PathBuf {
-        self.home.join("mnt").join(id.as_str())
+        self.home.join("mnt").join(id.file_name())
     }
 
     /// Mounts the layer (or counts one more user) and returns its root.
