@@ -38,6 +38,26 @@ pub fn loops_under(dir: &Path) -> Vec<(u32, PathBuf)> {
     found
 }
 
+/// Detaches the loop devices of `loops` (from [`loops_under`]) still
+/// attached to their file, or to a file of that name whose mount is gone
+/// (the kernel then names it from the lost mount's root: `/image`).
+pub fn clear_loops(test: &str, loops: &[(u32, PathBuf)]) {
+    for (n, file) in loops {
+        let Some(now) = loop_backing_file(*n) else {
+            continue;
+        };
+        let orphaned = file
+            .file_name()
+            .is_some_and(|name| now == Path::new("/").join(name));
+        if now == *file || orphaned {
+            eprintln!("[{test}] cleanup: detaching loop{n} ({})", now.display());
+            if let Err(e) = loop_clear(*n) {
+                eprintln!("[{test}] cleanup: LOOP_CLR_FD loop{n}: {e}");
+            }
+        }
+    }
+}
+
 /// The backing file of `/dev/loop<n>`, if it is attached.
 pub fn loop_backing_file(n: u32) -> Option<PathBuf> {
     let text = std::fs::read_to_string(format!("/sys/block/loop{n}/loop/backing_file")).ok()?;

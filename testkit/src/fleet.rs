@@ -330,6 +330,10 @@ impl FleetHost {
     /// [`FleetHost::start_again`].
     pub fn crash(&mut self) {
         let home = self.driver_home();
+        // Once the FUSE servers are dead and their mounts gone, a loop
+        // device on one names its file as "/image", no longer under the
+        // Home: note them while they still do.
+        let loops = crate::driver::loops_under(&home);
         for server in crate::driver::fuse_servers_under(&home) {
             let _ = crate::process::signal(server, nix::sys::signal::Signal::SIGKILL);
         }
@@ -341,6 +345,7 @@ impl FleetHost {
         }
         let left = crate::driver::cleanup_home(&self.test, &home, Some(&self.host));
         let _ = left.finish();
+        crate::driver::clear_loops(&self.test, &loops);
     }
 
     /// Boots the host again on its disk (same data root, run dir and
