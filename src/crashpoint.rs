@@ -57,7 +57,8 @@ crash_points! {
     /// `Create`: the image is cloned, the record still says `Creating`.
     CreateCloned => "create-cloned",
     /// `Create` with `size=`: the image is mapped to resize its
-    /// filesystem, the record still says `Creating`.
+    /// filesystem (or to make one of that size), the record still says
+    /// `Creating`.
     ResizeMapped => "resize-mapped",
     /// `Create` with `size=` on xfs: the layer is mounted to grow its
     /// filesystem or set its project quota, the record still says

@@ -308,6 +308,13 @@ pub fn make_private(dir: &Path) -> Result<(), FsError> {
     private().map_err(sys("make private", dir))
 }
 
+/// Bytes in use on the filesystem holding `path` (its blocks less the
+/// free ones).
+pub fn used_bytes(path: &Path) -> Result<u64, FsError> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(sys("statvfs", path))?;
+    Ok((st.blocks() - st.blocks_free()) * st.fragment_size())
+}
+
 /// Whether the mount at exactly `target` is private (propagates nothing);
 /// `None` when nothing is mounted there.
 pub fn is_private_mount(target: &Path) -> Option<bool> {

@@ -1207,3 +1207,77 @@ fn layer_ids_are_what_dockers_own_drivers_accept() {
     let err = engine.create("a/b", "", &image_layer()).unwrap_err();
     assert!(err.to_string().contains("invalid layer id"), "{err}");
 }
+
+/// `size=` below what the clone's ext4 can shrink to (its inode tables
+/// and journal are sized for the base): the layer gets a filesystem made
+/// for that size with the parent's files copied in, and writes past the
+/// size fail. Below what the parent holds, a clear refusal, nothing left.
+#[test]
+fn a_size_below_the_shrink_minimum_gets_a_filesystem_of_its_own() {
+    let Some(fx) = Fixture::new(
+        "a_size_below_the_shrink_minimum_gets_a_filesystem_of_its_own",
+        &[("basesize", "4G")],
+    ) else {
+        return;
+    };
+    let engine = fx.engine();
+    let (image, small, tiny) = (hex(1301), hex(1302), hex(1303));
+    engine.create(&image, "", &image_layer()).unwrap();
+    let root = engine.get(&image, "").unwrap();
+    std::fs::create_dir(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hostname"), b"from the parent").unwrap();
+    std::os::unix::fs::symlink("etc/hostname", root.join("link")).unwrap();
+    std::fs::write(root.join("blob"), vec![7u8; 20 << 20]).unwrap();
+    engine.put(&image).unwrap();
+
+    engine
+        .create(&small, &image, &rw_layer(Some(48 << 20)))
+        .unwrap();
+    let rec = fx.record(&engine, &small).unwrap();
+    assert_eq!(
+        (rec.state, rec.size, rec.depth),
+        (LayerState::Created, 48 << 20, 0)
+    );
+    let img = Image::open_read_only(&fx.ioctx, &rec.image, None).unwrap();
+    assert!(
+        img.parent().unwrap().is_none(),
+        "its own filesystem, not a clone"
+    );
+    assert_eq!(img.size().unwrap(), 48 << 20);
+    drop(img);
+    let root = engine.get(&small, "").unwrap();
+    assert_eq!(
+        std::fs::read(root.join("etc/hostname")).unwrap(),
+        b"from the parent"
+    );
+    assert_eq!(
+        std::fs::read_link(root.join("link")).unwrap(),
+        std::path::Path::new("etc/hostname")
+    );
+    assert_eq!(std::fs::read(root.join("blob")).unwrap().len(), 20 << 20);
+    let st = nix::sys::statvfs::statvfs(&root).unwrap();
+    assert!(
+        st.blocks() * st.fragment_size() <= 48 << 20,
+        "the filesystem is at most 48 MiB"
+    );
+    let err = std::fs::write(root.join("fill"), vec![1u8; 48 << 20]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    engine.put(&small).unwrap();
+
+    // 16 MiB cannot hold the parent's 20 MiB: refused, nothing left.
+    let err = engine
+        .create(&tiny, &image, &rw_layer(Some(16 << 20)))
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::StorageOpt { reason, .. } if reason.contains("already hold")),
+        "{err}"
+    );
+    assert!(fx.record(&engine, &tiny).is_none());
+    let images = fx.images();
+    assert!(
+        !images.iter().any(|i| i.ends_with(&tiny)),
+        "the refused layer's image is gone: {images:?}"
+    );
+    engine.remove(&small).unwrap();
+    engine.remove(&image).unwrap();
+}

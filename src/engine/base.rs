@@ -119,31 +119,21 @@ impl Engine {
         }
     }
 
-    fn make_base(&self, name: &str) -> Result<()> {
-        let started = Instant::now();
-        match rbd::remove(&self.ioctx, name) {
-            Ok(()) => tracing::warn!(image = name, "removed an unfinished base image"),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(ceph("remove unfinished base image", name)(e)),
-        }
-        rbd::create(
-            &self.ioctx,
-            name,
-            self.settings.base_size,
-            &self.image_options(),
-        )
-        .map_err(ceph("create base image", name))?;
+    /// Maps image `name`, makes the filesystem of `rbd.fs` on it with an
+    /// empty `rootfs` directory (mode 0755) at its top, and unmaps it.
+    /// `mapped` is the crash point right after the map.
+    pub(crate) fn format_image(&self, name: &str, mapped_at: CrashPoint) -> Result<()> {
         let request = MapRequest::new(
             self.settings.pool.clone(),
             self.namespace(),
             name.to_string(),
         );
         let mapped = self.mapper.map(&request).map_err(mapper_err("map", name))?;
-        crashpoint::reached(CrashPoint::BaseMapped);
+        crashpoint::reached(mapped_at);
         let mountpoint = self
             .home
             .join("mnt")
-            .join(format!(".base-{}", std::process::id()));
+            .join(format!(".format-{}", std::process::id()));
         let formatted = (|| {
             fs::mkfs(self.runner.as_ref(), &mapped.device, self.settings.fs)
                 .map_err(fs_err("mkfs", name))?;
@@ -170,7 +160,24 @@ impl Engine {
         // The mountpoint is empty once unmounted; a failure to remove it is harmless.
         let _ = std::fs::remove_dir(&mountpoint);
         formatted?;
-        unmapped?;
+        unmapped
+    }
+
+    fn make_base(&self, name: &str) -> Result<()> {
+        let started = Instant::now();
+        match rbd::remove(&self.ioctx, name) {
+            Ok(()) => tracing::warn!(image = name, "removed an unfinished base image"),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(ceph("remove unfinished base image", name)(e)),
+        }
+        rbd::create(
+            &self.ioctx,
+            name,
+            self.settings.base_size,
+            &self.image_options(),
+        )
+        .map_err(ceph("create base image", name))?;
+        self.format_image(name, CrashPoint::BaseMapped)?;
         crashpoint::reached(CrashPoint::BaseFormatted);
         Image::open(&self.ioctx, name, None)
             .and_then(|img| img.snap_create(SEALED_SNAP))

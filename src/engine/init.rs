@@ -78,7 +78,7 @@ fn init_err(layer: &LayerId, what: impl std::fmt::Display) -> EngineError {
 impl Engine {
     /// The layer whose mount `id`'s mount uses, if any: a pending init
     /// layer's parent, a shared init layer's user's shared layer.
-    fn dependency(&self, id: &LayerId) -> Result<Option<String>> {
+    pub(crate) fn dependency(&self, id: &LayerId) -> Result<Option<String>> {
         if let Some(m) = self.local.get(&MOUNTS, id.as_str())? {
             return Ok(m.on.map(|on| on.layer().to_string()));
         }
@@ -686,7 +686,7 @@ fn fingerprint(root: &Path, changes: &[LayerChange]) -> std::io::Result<String> 
 }
 
 /// An error and its sources, on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -10,7 +10,9 @@ use super::locks::Held;
 use super::{Engine, EngineError, Result, ceph, fs_err, now};
 use crate::config::FsType;
 use crate::crashpoint::{self, CrashPoint};
+use crate::fs;
 use crate::names::{LayerId, SEALED_SNAP};
+use graphdriver_api::diff::{IdMappings, apply_layer, changes_dirs, export_changes};
 
 /// RBD features of every image docker-rbd makes: layering for clones,
 /// exclusive-lock so one writer at a time. Both are supported by every krbd
@@ -186,11 +188,15 @@ impl Engine {
         })?;
 
         crashpoint::reached(CrashPoint::CreateRecorded);
-        match self.clone_layer(&id, &source, &image, flatten, opts) {
-            Ok(size) => {
+        match self.clone_layer(&id, parent.as_ref(), &source, &image, flatten, opts) {
+            Ok(Made { size, copied }) => {
                 let mut done = record;
                 done.state = LayerState::Created;
                 done.size = size;
+                if copied {
+                    // No RBD parent: a chain of its own from here.
+                    done.depth = 0;
+                }
                 layers.replace(id.as_str(), &created, &done)?;
                 tracing::info!(%image, %source, depth = done.depth, flatten, size, "layer created");
                 Ok(())
@@ -205,18 +211,21 @@ impl Engine {
         }
     }
 
-    /// Clones `source@sealed` to `image`, flattens it if asked, and applies
-    /// the size option: grows the image and its filesystem, shrinks an
-    /// ext4 filesystem and then the image, or sets an xfs project quota.
-    /// Returns the image size.
+    /// Clones `source@sealed` (the image of `parent`, or the base) to
+    /// `image`, flattens it if asked, and applies the size option: grows
+    /// the image and its filesystem, shrinks an ext4 filesystem and then
+    /// the image (or, below the smallest size the clone's filesystem can
+    /// shrink to, makes a filesystem of that size and copies the parent's
+    /// files in), or sets an xfs project quota.
     fn clone_layer(
         &self,
         id: &LayerId,
+        parent: Option<&LayerId>,
         source: &str,
         image: &str,
         flatten: bool,
         opts: &CreateOptions,
-    ) -> Result<u64> {
+    ) -> Result<Made> {
         rbd::clone(
             &self.ioctx,
             source,
@@ -237,35 +246,113 @@ impl Engine {
             );
         }
         let current = img.size().map_err(ceph("size", id))?;
+        let cloned = |size| Made {
+            size,
+            copied: false,
+        };
         let Some(want) = opts.size else {
-            return Ok(current);
+            return Ok(cloned(current));
         };
         if want == current {
-            return Ok(current);
+            return Ok(cloned(current));
         }
         match self.settings.fs {
             FsType::Ext4 if want > current => {
                 img.resize(want).map_err(ceph("resize", id))?;
                 self.resize_ext4_layer(id, image, None)?;
-                Ok(want)
+                Ok(cloned(want))
             }
-            FsType::Ext4 => {
-                self.resize_ext4_layer(id, image, Some(want))?;
-                img.resize(want).map_err(ceph("resize", id))?;
-                Ok(want)
-            }
+            FsType::Ext4 => match self.resize_ext4_layer(id, image, Some(want)) {
+                Ok(()) => {
+                    img.resize(want).map_err(ceph("resize", id))?;
+                    Ok(cloned(want))
+                }
+                Err(e) if below_shrink_minimum(&e) => {
+                    drop(img);
+                    tracing::info!(
+                        size = want,
+                        "below what the clone's ext4 can shrink to; making a filesystem of that size"
+                    );
+                    self.make_small_ext4(id, parent, image, want, &opts.mount_label)?;
+                    Ok(Made {
+                        size: want,
+                        copied: true,
+                    })
+                }
+                Err(e) => Err(e),
+            },
             FsType::Xfs if want > current => {
                 img.resize(want).map_err(ceph("resize", id))?;
                 drop(img);
                 self.grow_xfs_layer(id, &opts.mount_label)?;
-                Ok(want)
+                Ok(cloned(want))
             }
             FsType::Xfs => {
                 drop(img);
                 self.quota_layer(id, want, &opts.mount_label)?;
-                Ok(current)
+                Ok(cloned(current))
             }
         }
+    }
+
+    /// Replaces the clone `image` of layer `id` (being created) by an
+    /// image of `bytes` with a filesystem of its own, and copies the files
+    /// of `parent` (none: the base, which has none) into it. A clone's
+    /// ext4 keeps the inode tables of the filesystem it was cloned from and
+    /// cannot shrink below them (about 120 MiB for 10 GiB); this one is
+    /// made for its size. Costs a copy of the parent's files, once.
+    fn make_small_ext4(
+        &self,
+        id: &LayerId,
+        parent: Option<&LayerId>,
+        image: &str,
+        bytes: u64,
+        mount_label: &str,
+    ) -> Result<()> {
+        remove_layer_image(&self.ioctx, id.as_str(), image)?;
+        rbd::create(&self.ioctx, image, bytes, &self.image_options())
+            .map_err(ceph("create", id))?;
+        self.format_image(image, CrashPoint::ResizeMapped)?;
+        let Some(parent) = parent else {
+            return Ok(());
+        };
+        // Create holds the layer's and the parent's locks; the parent's
+        // mount may use another layer's (a shared init layer).
+        let dependency = self.dependency(parent)?;
+        let _dependency = dependency
+            .as_deref()
+            .filter(|d| *d != id.as_str())
+            .map(|d| self.locks.lock(&[d]));
+        let from = self.get_locked(parent, mount_label, false)?;
+        let copied = (|| {
+            let used = fs::used_bytes(&from).map_err(fs_err("statfs", parent))?;
+            if used >= bytes {
+                return Err(EngineError::StorageOpt {
+                    key: "size".into(),
+                    value: crate::units::format_size(bytes),
+                    reason: format!(
+                        "the layers beneath already hold {}",
+                        crate::units::format_size(used)
+                    ),
+                });
+            }
+            let to = self.get_locked(id, mount_label, true)?;
+            let identity = IdMappings::identity();
+            let applied = changes_dirs(&from, None)
+                .map_err(|e| copy_err(id, &e))
+                .and_then(|changes| {
+                    export_changes(&from, &changes, &identity).map_err(|e| copy_err(id, &e))
+                })
+                .and_then(|mut tar| {
+                    apply_layer(&to, &mut tar as &mut dyn std::io::Read, &identity)
+                        .map_err(|e| copy_err(id, &e))
+                });
+            let put = self.put_locked(id);
+            applied?;
+            put
+        })();
+        let put = self.put_locked(parent);
+        copied.and(put)
     }
 
     /// Seals a layer: takes its `sealed` snapshot, which its children are
@@ -727,6 +814,33 @@ impl Engine {
                 tracing::error!(layer = %id, error = %e, "removing an abandoned init layer failed; fsck will report it");
             }
         }
+    }
+}
+
+/// What [`Engine::clone_layer`] made.
+struct Made {
+    /// The image size.
+    size: u64,
+    /// A filesystem of its own with the parent's files copied in, not a
+    /// clone.
+    copied: bool,
+}
+
+/// Whether `e` is resize2fs refusing a shrink below its minimum.
+fn below_shrink_minimum(e: &EngineError) -> bool {
+    matches!(e, EngineError::Fs { source, .. }
+        if matches!(source.as_ref(), fs::FsError::Tool { stderr, .. }
+            if stderr.contains("smaller than minimum")))
+}
+
+/// A failure to copy a parent's files into a layer made for a small size.
+fn copy_err(id: &LayerId, e: &dyn std::error::Error) -> EngineError {
+    EngineError::Conflict {
+        layer: id.to_string(),
+        reason: format!(
+            "copying the parent's files into its own filesystem failed: {}",
+            super::init::error_chain(e)
+        ),
     }
 }
 
