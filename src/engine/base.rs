@@ -121,7 +121,7 @@ impl Engine {
 
     /// Maps image `name`, makes the filesystem of `rbd.fs` on it with an
     /// empty `rootfs` directory (mode 0755) at its top, and unmaps it.
-    /// `mapped` is the crash point right after the map.
+    /// `mapped_at` is the crash point right after the map.
     pub(crate) fn format_image(&self, name: &str, mapped_at: CrashPoint) -> Result<()> {
         let request = MapRequest::new(
             self.settings.pool.clone(),
@@ -130,10 +130,14 @@ impl Engine {
         );
         let mapped = self.mapper.map(&request).map_err(mapper_err("map", name))?;
         crashpoint::reached(mapped_at);
+        // Two creates may format at once (small ext4 layers): one
+        // directory each.
+        static FORMATS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = FORMATS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mountpoint = self
             .home
             .join("mnt")
-            .join(format!(".format-{}", std::process::id()));
+            .join(format!(".format-{}-{n}", std::process::id()));
         let formatted = (|| {
             fs::mkfs(self.runner.as_ref(), &mapped.device, self.settings.fs)
                 .map_err(fs_err("mkfs", name))?;
