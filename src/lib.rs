@@ -39,3 +39,16 @@ pub mod mapper;
 pub mod names;
 pub mod plugin;
 pub mod units;
+
+/// An error and its sources on one line, `a: b: c`, for a log field or a
+/// message that carries another error's whole story.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -55,6 +55,7 @@ use super::locks::Held;
 use super::mounts::{MOUNTS, MountOn, MountRecord, MountState};
 use super::{Engine, EngineError, Result, ceph, io, now};
 use crate::crashpoint::{self, CrashPoint};
+use crate::error_chain;
 use crate::fs;
 use crate::names::{LayerId, SEALED_SNAP};
 
@@ -683,16 +684,4 @@ fn fingerprint(root: &Path, changes: &[LayerChange]) -> std::io::Result<String> 
         }
     }
     Ok(format!("{:x}", h.finalize()))
-}
-
-/// An error and its sources, on one line.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -839,7 +839,7 @@ fn copy_err(id: &LayerId, e: &dyn std::error::Error) -> EngineError {
         layer: id.to_string(),
         reason: format!(
             "copying the parent's files into its own filesystem failed: {}",
-            super::init::error_chain(e)
+            crate::error_chain(e)
         ),
     }
 }

@@ -543,7 +543,7 @@ impl Inner {
                     stats.last_error = None;
                 }
                 Err(e) => {
-                    let text = format!("{:#}", anyhow_like(&e));
+                    let text = crate::error_chain(&e);
                     if stats.last_error.as_deref() != Some(text.as_str()) {
                         tracing::warn!(error = %text, "export pass failed; retrying");
                     }
@@ -554,18 +554,6 @@ impl Inner {
             watcher.watch(&self.root);
         }
     }
-}
-
-/// An error with its sources, `a: b: c`.
-fn anyhow_like(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// inotify on dockerd's directories: tells whether anything changed since
