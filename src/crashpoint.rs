@@ -127,17 +127,8 @@ pub fn reached(point: CrashPoint) {
     if !cfg!(debug_assertions) {
         return;
     }
-    let hook = HOOK.with(|h| {
-        let mut h = h.borrow_mut();
-        match h.take() {
-            Some((at, f)) if at == point => Some(f),
-            other => {
-                *h = other;
-                None
-            }
-        }
-    });
-    if let Some(f) = hook {
+    let hook = HOOK.with(|h| h.borrow_mut().take_if(|(at, _)| *at == point));
+    if let Some((_, f)) = hook {
         f();
     }
     if armed() == Some(point) {

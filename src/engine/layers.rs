@@ -317,11 +317,11 @@ impl Engine {
             return Ok(());
         };
         // Create holds the layer's and the parent's locks; the parent's
-        // mount may use another layer's (a shared init layer).
+        // mount may use a third layer's (a shared init layer).
         let dependency = self.dependency(parent)?;
         let _dependency = dependency
             .as_deref()
-            .filter(|d| *d != id.as_str())
+            .filter(|d| ![id.as_str(), parent.as_str()].contains(d))
             .map(|d| self.locks.lock(&[d]));
         let from = self.get_locked(parent, mount_label, false)?;
         let copied = (|| {
