@@ -160,6 +160,10 @@ impl Drop for Fixture {
         if let Ok(pool) = self._rados.ioctx(self.ioctx.pool_name(), None) {
             let _ = rbd::namespace_remove(&pool, &self.settings.namespace);
         }
+        // A plugin's Init binds its Home onto itself (a private mount).
+        if let Err(e) = testkit::mounts::unmount_under(None, self.home.path()) {
+            eprintln!("cleanup: {e}");
+        }
     }
 }
 
