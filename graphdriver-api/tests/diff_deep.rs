@@ -10,7 +10,7 @@ mod diff_support;
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use diff_support::{Ent, error_chain, tar_of};
 use graphdriver_api::diff::{
@@ -23,6 +23,16 @@ use nix::sys::stat::{Mode, mkdirat};
 
 /// The stack of the threads the plugin serves requests on.
 const REQUEST_THREAD_STACK: usize = WALK_STACK_SIZE;
+
+/// A temporary directory holding `name`, a tree `levels` deep
+/// ([`deep_tree`]); the directory goes when the first value is dropped.
+fn deep_tree_in(name: &str, levels: usize) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join(name);
+    std::fs::create_dir(&root).unwrap();
+    deep_tree(&root, levels);
+    (tmp, root)
+}
 
 /// Makes `root/d/d/.../d`, `levels` directories, holding a file at the
 /// bottom.
@@ -97,10 +107,7 @@ fn comparing_a_tree_deeper_than_the_limit_is_an_error() {
     if !enough_descriptors(levels) {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let layer = tmp.path().join("layer");
-    std::fs::create_dir(&layer).unwrap();
-    deep_tree(&layer, levels);
+    let (_tmp, layer) = deep_tree_in("layer", levels);
     let result = on_request_stack(move || changes_dirs(&layer, None));
     match result {
         Err(ChangesError::TooDeep { limit, path }) => {
@@ -117,10 +124,7 @@ fn comparing_a_deep_tree_within_the_limit_lists_every_level() {
     if !enough_descriptors(levels) {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let layer = tmp.path().join("layer");
-    std::fs::create_dir(&layer).unwrap();
-    deep_tree(&layer, levels);
+    let (_tmp, layer) = deep_tree_in("layer", levels);
     let changes = on_request_stack(move || changes_dirs(&layer, None)).unwrap();
     assert_eq!(changes.len(), levels + 1);
     assert!(changes.iter().all(|c| c.kind == ChangeKind::Add));
@@ -147,10 +151,7 @@ fn whiting_out_or_replacing_a_tree_deeper_than_the_limit_is_an_error() {
         ),
     ];
     for (case, tar) in cases {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        deep_tree(&root, levels);
+        let (_tmp, root) = deep_tree_in("root", levels);
         let err = apply_on_request_stack(&root, tar).expect_err(case);
         let msg = error_chain(&err);
         assert!(
@@ -172,10 +173,7 @@ fn whiting_out_a_deep_tree_within_the_limit_removes_it() {
     if !enough_descriptors(levels) {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    std::fs::create_dir(&root).unwrap();
-    deep_tree(&root, levels);
+    let (_tmp, root) = deep_tree_in("root", levels);
     apply_on_request_stack(&root, tar_of(&[Ent::file(".wh.d", "")])).unwrap();
     assert!(!root.join("d").exists());
 }
