@@ -167,51 +167,22 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Removes what is left in the namespace (the base image, the metadata
+/// objects) and the namespace.
 fn cleanup_namespace(namespace: &str) -> Result<()> {
-    for image in list(namespace)? {
-        run(&["snap", "purge", "--namespace", namespace, &image])?;
-        run(&["rm", "--no-progress", "--namespace", namespace, &image])?;
-    }
-    for object in ["docker-rbd.layers", "docker-rbd.base.lock"] {
-        let _ = std::process::Command::new("rados")
-            .args([
-                "-p",
-                &std::env::var("DOCKER_RBD_POOL")?,
-                "--namespace",
-                namespace,
-                "rm",
-                object,
-            ])
-            .output();
-    }
-    run(&[
-        "namespace",
-        "rm",
-        &format!("{}/{namespace}", std::env::var("DOCKER_RBD_POOL")?),
-    ])
-}
-
-fn list(namespace: &str) -> Result<Vec<String>> {
-    let out = std::process::Command::new("rbd")
-        .args(["ls", "--namespace", namespace])
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect())
-}
-
-fn run(args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new("rbd")
-        .args(args)
-        .output()
-        .context("run rbd")?;
-    if !out.status.success() {
-        bail!(
-            "rbd {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let var = |n: &str| std::env::var(n).with_context(|| format!("{n} is not set"));
+    let rados = ceph_client::Rados::connect(&ceph_client::ConnectConfig {
+        conf: Some(var("DOCKER_RBD_CEPH_CONF")?.into()),
+        id: Some(var("DOCKER_RBD_CEPH_ID")?),
+        keyring: Some(var("DOCKER_RBD_CEPH_KEYRING")?.into()),
+        ..Default::default()
+    })?;
+    let pool_name = var("DOCKER_RBD_POOL")?;
+    let pool = rados.ioctx(&pool_name, None)?;
+    let ioctx = rados.ioctx(&pool_name, Some(namespace))?;
+    testkit::driver::remove_namespace("create_bench", &ioctx, &pool, namespace);
+    if ceph_client::rbd::namespace_exists(&pool, namespace)? {
+        bail!("namespace {namespace} is left; see above");
     }
     Ok(())
 }

@@ -250,46 +250,17 @@ fn main() -> Result<()> {
 /// Removes what is left in the namespace (the base image, the metadata
 /// objects) and the namespace.
 fn cleanup_namespace(cluster: &Cluster) -> Result<()> {
-    let rbd = |args: &[&str]| -> Result<String> {
-        let out = Command::new("rbd").args(args).output().context("run rbd")?;
-        if !out.status.success() {
-            bail!(
-                "rbd {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let ns = cluster.namespace.as_str();
-    for image in rbd(&["ls", "-p", &cluster.pool, "--namespace", ns])?.lines() {
-        rbd(&[
-            "snap",
-            "purge",
-            "-p",
-            &cluster.pool,
-            "--namespace",
-            ns,
-            image,
-        ])?;
-        rbd(&[
-            "rm",
-            "--no-progress",
-            "-p",
-            &cluster.pool,
-            "--namespace",
-            ns,
-            image,
-        ])?;
+    let rados = ceph_client::Rados::connect(&ceph_client::ConnectConfig {
+        conf: Some(cluster.conf.clone().into()),
+        id: Some(cluster.id.clone()),
+        keyring: Some(cluster.keyring.clone().into()),
+        ..Default::default()
+    })?;
+    let pool = rados.ioctx(&cluster.pool, None)?;
+    let ioctx = rados.ioctx(&cluster.pool, Some(&cluster.namespace))?;
+    testkit::driver::remove_namespace("scale_bench", &ioctx, &pool, &cluster.namespace);
+    if ceph_client::rbd::namespace_exists(&pool, &cluster.namespace)? {
+        bail!("namespace {} is left; see above", cluster.namespace);
     }
-    let objects = Command::new("rados")
-        .args(["-p", &cluster.pool, "--namespace", ns, "ls"])
-        .output()
-        .context("run rados")?;
-    for object in String::from_utf8_lossy(&objects.stdout).lines() {
-        let _ = Command::new("rados")
-            .args(["-p", &cluster.pool, "--namespace", ns, "rm", object])
-            .output();
-    }
-    rbd(&["namespace", "rm", &format!("{}/{ns}", cluster.pool)]).map(|_| ())
+    Ok(())
 }
