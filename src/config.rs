@@ -106,6 +106,9 @@ pub struct Settings {
     /// its last `Put`, for the next container over it; zero unmounts at
     /// once.
     pub mount_linger: Duration,
+    /// `rbd.mountroot`: the directory under which each Home's layers are
+    /// mounted ([`Settings::mount_dir`]), outside dockerd's data root.
+    pub mount_root: PathBuf,
 }
 
 /// One settings key: its name, its default (as text) and what it means.
@@ -210,7 +213,16 @@ pub const KEYS: &[Key] = &[
         default: "10",
         doc: "seconds a read-only layer stays mounted after its last Put, 0 to 600 (`--mount-linger`)",
     },
+    Key {
+        name: "mountroot",
+        default: DEFAULT_MOUNT_ROOT,
+        doc: "absolute directory, outside the data root, under which layers are mounted (`--mount-root`)",
+    },
 ];
+
+/// Where layers are mounted by default: a tmpfs, emptied at boot as the
+/// mounts are.
+pub const DEFAULT_MOUNT_ROOT: &str = "/run/docker-rbd";
 
 /// Where a value came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -447,6 +459,19 @@ impl RawSettings {
                 .map(Duration::from_secs)
                 .ok_or_else(|| format!("{v:?} is not a number of seconds from 0 to 600"))
         });
+        let mount_root = r.take("mountroot", DEFAULT_MOUNT_ROOT, |v| {
+            let path = PathBuf::from(v);
+            if !path.is_absolute() {
+                return Err(format!("{v:?} is not an absolute path"));
+            }
+            if path
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(format!("{v:?} contains \"..\""));
+            }
+            Ok(path)
+        });
         if let (Some(duration), Some(renew)) = (lease_duration, lease_renew)
             && renew * 3 > duration
         {
@@ -471,7 +496,7 @@ impl RawSettings {
             naming,
             connect_timeout,
             (host_id, lease_duration, lease_renew, auto_takeover),
-            (shared_init, mount_linger),
+            (shared_init, mount_linger, mount_root),
         ) {
             (
                 Some(pool),
@@ -483,7 +508,7 @@ impl RawSettings {
                 Some(naming),
                 Some(connect_timeout),
                 (Some(host_id), Some(lease_duration), Some(lease_renew), Some(auto_takeover)),
-                (Some(shared_init), Some(mount_linger)),
+                (Some(shared_init), Some(mount_linger), Some(mount_root)),
             ) if r.problems.is_empty() => Ok(Settings {
                 ceph,
                 pool,
@@ -500,6 +525,7 @@ impl RawSettings {
                 auto_takeover,
                 shared_init,
                 mount_linger,
+                mount_root,
             }),
             _ => Err(ConfigError::Invalid {
                 problems: r.problems,
@@ -565,6 +591,17 @@ fn same_origin(a: &Source, b: &Source) -> bool {
 }
 
 impl Settings {
+    /// The directory where the layers of the driver whose Home is `home`
+    /// are mounted: `<rbd.mountroot>/<first 16 hex digits of the SHA-256 of
+    /// the Home's path>`. Outside the Home, so that deleting dockerd's data
+    /// root never reaches into a layer still mounted (whose files live in
+    /// the cluster, for every host of the fleet); one per Home, so that
+    /// several dockerds on one host keep theirs apart.
+    pub fn mount_dir(&self, home: &Path) -> PathBuf {
+        let digest = crate::digest::sha256_hex(home.as_os_str().as_encoded_bytes());
+        self.mount_root.join(&digest[..16])
+    }
+
     /// Human-readable pairs for `docker info` and logs.
     pub fn describe(&self) -> Vec<(String, String)> {
         vec![
@@ -582,6 +619,7 @@ impl Settings {
                 format!("{}s", self.mount_linger.as_secs()),
             ),
             ("Image Prefix".into(), self.naming.prefix().to_string()),
+            ("Mount Root".into(), self.mount_root.display().to_string()),
             (
                 "Lease".into(),
                 format!(

@@ -168,6 +168,9 @@ pub struct SettingsArgs {
     /// Seconds a read-only layer stays mounted after its last Put (rbd.mountlinger).
     #[arg(long = "mount-linger", value_name = "SECONDS")]
     mount_linger: Option<String>,
+    /// Directory holding the layers' mount points, outside the data root (rbd.mountroot).
+    #[arg(long = "mount-root", value_name = "DIR")]
+    mount_root: Option<String>,
     /// Config file of `key = value` lines, same keys as --storage-opt.
     #[arg(long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -203,6 +206,7 @@ impl SettingsArgs {
             auto_takeover,
             shared_init,
             mount_linger,
+            mount_root,
             config
         );
     }
@@ -233,6 +237,7 @@ impl SettingsArgs {
             ("autotakeover", self.auto_takeover.clone()),
             ("sharedinit", self.shared_init.clone()),
             ("mountlinger", self.mount_linger.clone()),
+            ("mountroot", self.mount_root.clone()),
         ] {
             if let Some(value) = value {
                 flags.set(key, &value, Source::Flag);

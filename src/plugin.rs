@@ -30,6 +30,7 @@ use crate::engine::purge::Purger;
 use crate::engine::reaper::Reaper;
 use crate::engine::{CreateOptions, Engine, EngineError};
 use crate::fleet::{Fleet, FleetError};
+use crate::mapper::fuse::HelperCommand;
 use crate::units::parse_size;
 
 /// What the plugin answers dockerd with when a call fails.
@@ -61,11 +62,11 @@ pub enum PluginError {
         /// What is wrong.
         reason: String,
     },
-    /// The Home could not be made a private mount.
-    #[error("cannot make Home {home} a private mount")]
-    PrivateHome {
-        /// The Home.
-        home: PathBuf,
+    /// The Home or the mount directory could not be made a private mount.
+    #[error("cannot make {dir} a private mount")]
+    PrivateMount {
+        /// The directory.
+        dir: PathBuf,
         /// Why.
         #[source]
         source: crate::fs::FsError,
@@ -170,6 +171,7 @@ pub struct RbdPlugin {
     engine: DriverCell,
     diff: NaiveDiff<EngineFs>,
     saved_init: Option<PathBuf>,
+    fuse_helper: HelperCommand,
 }
 
 /// The `Init` request as saved for a restarted plugin.
@@ -194,7 +196,16 @@ impl RbdPlugin {
             diff: NaiveDiff::new(Arc::new(EngineFs(engine.clone())), IdMappings::default()),
             engine,
             saved_init,
+            fuse_helper: HelperCommand::locate(),
         }
+    }
+
+    /// The FUSE server program the fuse mapper starts (by default the
+    /// `docker-rbd-fuse` next to the running executable, else this
+    /// executable's `fuse-serve`).
+    pub fn with_fuse_helper(mut self, helper: HelperCommand) -> Self {
+        self.fuse_helper = helper;
+        self
     }
 
     /// Initialises from the `Init` a previous run of this plugin accepted,
@@ -335,17 +346,18 @@ impl RbdPlugin {
         }
         let maps = IdMappings::new(req.uid_maps.clone(), req.gid_maps.clone())?;
         self.diff.set_id_mappings(maps);
-        // Layer and FUSE mounts go below the Home: they stay in this
-        // mount namespace (dockerd's) and are seen nowhere else.
-        std::fs::create_dir_all(&home).map_err(|e| EngineError::Io {
-            op: "create",
-            path: home.clone(),
-            source: e,
-        })?;
-        crate::fs::make_private(&home).map_err(|source| PluginError::PrivateHome {
-            home: home.clone(),
-            source,
-        })?;
+        // FUSE mounts go below the Home, layer mounts below the mount
+        // directory: both stay in this mount namespace (dockerd's) and are
+        // seen nowhere else.
+        for dir in [home.clone(), settings.mount_dir(&home)] {
+            std::fs::create_dir_all(&dir).map_err(|e| EngineError::Io {
+                op: "create",
+                path: dir.clone(),
+                source: e,
+            })?;
+            crate::fs::make_private(&dir)
+                .map_err(|source| PluginError::PrivateMount { dir, source })?;
+        }
         let current = driver(&self.engine).ok();
         let engine = match current {
             Some(existing)
@@ -367,7 +379,11 @@ impl RbdPlugin {
                 // takes the lease.
                 *self.engine.write().unwrap_or_else(PoisonError::into_inner) = None;
                 drop(current);
-                let engine = Arc::new(Engine::open(settings, &home)?);
+                let engine = Arc::new(Engine::open_with(
+                    settings,
+                    &home,
+                    self.fuse_helper.clone(),
+                )?);
                 tracing::info!(
                     home = %home.display(),
                     host = engine.host_id(),
@@ -503,6 +519,12 @@ impl GraphDriver for RbdPlugin {
             engine.mounts()?.into_iter().partition(|(_, m)| m.is_idle());
         status.push(("Mounted Layers".into(), mounted.len().to_string()));
         status.push(("Idle Mounts".into(), idle.len().to_string()));
+        status.push((
+            "Pool Space".into(),
+            engine
+                .pool_space()
+                .map_or_else(|e| format!("unknown: {e}"), |s| s.to_string()),
+        ));
         if engine.lease_lost() {
             status.push(("Lease".into(), "LOST: renewals are failing".into()));
         }
@@ -560,6 +582,8 @@ impl GraphDriver for RbdPlugin {
     }
 
     fn apply_diff(&self, id: &str, parent: &str, diff: &mut dyn Read) -> Result<u64, PluginError> {
+        // Its writes would wait for space, up to the request's timeout.
+        engine(&self.engine)?.ensure_room()?;
         Ok(self.diff.apply_diff(id, parent, diff)?)
     }
 

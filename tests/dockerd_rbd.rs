@@ -1394,7 +1394,7 @@ fn containers_persist_and_survive_a_plugin_crash() {
         backing.display()
     );
     let layer_id = image_name.rsplit('.').next().unwrap().to_string();
-    let mountpoint = home.join("mnt").join(&layer_id);
+    let mountpoint = testkit::driver::mount_dir(&home).join(&layer_id);
     assert_eq!(
         data.get("MountPoint"),
         Some(&mountpoint.display().to_string())

@@ -24,6 +24,8 @@ fn hex(n: u32) -> String {
 struct Fixture {
     settings: Settings,
     home: tempfile::TempDir,
+    /// `rbd.mountroot` of every engine of the test: outside its Homes.
+    mounts: tempfile::TempDir,
     ioctx: Arc<IoCtx>,
     _rados: Rados,
 }
@@ -41,6 +43,7 @@ impl Fixture {
             }
         }
         let namespace = testkit::ceph::unique_namespace(test);
+        let mounts = tempfile::tempdir().expect("tempdir");
         let mut raw = RawSettings::default();
         for (k, v) in [
             ("conf", ceph.conf.display().to_string()),
@@ -50,6 +53,7 @@ impl Fixture {
             ("namespace", namespace.clone()),
             ("mapper", "fuse".to_string()),
             ("basesize", "256M".to_string()),
+            ("mountroot", mounts.path().display().to_string()),
         ] {
             raw.set(k, &v, Source::Flag);
         }
@@ -70,6 +74,7 @@ impl Fixture {
         Some(Self {
             settings,
             home: tempfile::tempdir().expect("tempdir"),
+            mounts,
             ioctx,
             _rados: rados,
         })
@@ -119,11 +124,8 @@ impl Drop for Fixture {
     /// image of the test's namespace (clones before parents) and its
     /// metadata objects.
     fn drop(&mut self) {
-        let mnt = self.home.path().join("mnt");
-        if let Ok(entries) = std::fs::read_dir(&mnt) {
-            for entry in entries.flatten() {
-                let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
-            }
+        if let Err(e) = testkit::mounts::unmount_under(None, self.mounts.path()) {
+            eprintln!("cleanup: {e}");
         }
         if let Ok(engine) = Engine::open_with(
             self.settings_for(self.home.path()),
@@ -160,9 +162,12 @@ impl Drop for Fixture {
         if let Ok(pool) = self._rados.ioctx(self.ioctx.pool_name(), None) {
             let _ = rbd::namespace_remove(&pool, &self.settings.namespace);
         }
-        // A plugin's Init binds its Home onto itself (a private mount).
-        if let Err(e) = testkit::mounts::unmount_under(None, self.home.path()) {
-            eprintln!("cleanup: {e}");
+        // A plugin's Init binds its Home and mount directory onto
+        // themselves (private mounts).
+        for dir in [self.home.path(), self.mounts.path()] {
+            if let Err(e) = testkit::mounts::unmount_under(None, dir) {
+                eprintln!("cleanup: {e}");
+            }
         }
     }
 }
@@ -193,7 +198,8 @@ fn layers_clone_their_parent_and_seal_it() {
 
     engine.create(&l1, "", &image_layer()).unwrap();
     let root = engine.get(&l1, "").unwrap();
-    assert_eq!(root, fx.home.path().join("mnt").join(&l1).join("rootfs"));
+    assert_eq!(root, engine.mount_dir().join(&l1).join("rootfs"));
+    assert!(root.starts_with(fx.mounts.path()) && !root.starts_with(fx.home.path()));
     let meta = std::fs::metadata(&root).unwrap();
     assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
     assert_eq!((meta.uid(), meta.gid()), (0, 0));
@@ -1037,6 +1043,7 @@ fn init_again_with_other_settings_on_the_same_home_switches_to_them() {
         ("namespace", fx.settings.namespace.clone()),
         ("mapper", "fuse".to_string()),
         ("basesize", "256M".to_string()),
+        ("mountroot", fx.mounts.path().display().to_string()),
         ("hostid", "h-reinit".to_string()),
     ] {
         flags.set(k, &v, Source::Flag);
@@ -1284,4 +1291,37 @@ fn a_size_below_the_shrink_minimum_gets_a_filesystem_of_its_own() {
     );
     engine.remove(&small).unwrap();
     engine.remove(&image).unwrap();
+}
+
+/// dockerd's `Cleanup` leaves the layers of running containers mounted
+/// (live-restore); a caller who then deletes the data root (`rm -rf`, as
+/// test harnesses do) must not delete the files of such a layer, which
+/// live in the cluster for every host. Layers are mounted outside the Home.
+#[test]
+fn deleting_the_home_never_reaches_into_a_mounted_layer() {
+    let Some(fx) = Fixture::new("deleting_the_home_never_reaches_into_a_mounted_layer", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let (image, container) = (hex(1), hex(2));
+    engine.create(&image, "", &image_layer()).unwrap();
+    engine.create(&container, &image, &rw_layer(None)).unwrap();
+    let root = engine.get(&container, "").unwrap();
+    std::fs::write(root.join("precious"), b"kept\n").unwrap();
+    assert!(!root.starts_with(fx.home.path()), "{}", root.display());
+
+    // The FUSE mounts under the Home refuse the removal of their files;
+    // the rest of the Home goes.
+    let rm = std::process::Command::new("rm")
+        .arg("-rf")
+        .arg(fx.home.path())
+        .output()
+        .expect("rm");
+    assert!(!fx.home.path().join("state.redb").exists(), "{rm:?}");
+    assert_eq!(std::fs::read(root.join("precious")).unwrap(), b"kept\n");
+    engine.put(&container).unwrap();
+
+    let root = engine.get(&container, "").unwrap();
+    assert_eq!(std::fs::read(root.join("precious")).unwrap(), b"kept\n");
+    engine.put(&container).unwrap();
 }

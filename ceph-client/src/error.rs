@@ -152,6 +152,12 @@ impl Error {
         self.errno() == Some(libc::ETIMEDOUT)
     }
 
+    /// `ENOSPC` or `EDQUOT`: the pool is full (an OSD, or its quota), as a
+    /// write through [`crate::Rados::ioctx_full_try`] learns it.
+    pub fn is_pool_full(&self) -> bool {
+        matches!(self.errno(), Some(libc::ENOSPC | libc::EDQUOT))
+    }
+
     /// `EBLOCKLISTED` (Ceph's name for `ESHUTDOWN`): the cluster refuses
     /// this client, which was fenced (`osd blocklist add`, or a lock
     /// broken with blocklisting). Only a new connection can go on.

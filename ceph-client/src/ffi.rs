@@ -91,6 +91,7 @@ unsafe extern "C" {
     ) -> c_int;
     pub fn rados_ioctx_destroy(io: rados_ioctx_t);
     pub fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
+    pub fn rados_set_pool_full_try(io: rados_ioctx_t);
     pub fn rados_get_last_version(io: rados_ioctx_t) -> u64;
 
     pub fn rados_write_full(

@@ -35,7 +35,7 @@ struct IoCtxInner {
 }
 
 // SAFETY: a librados ioctx is safe to use from several threads; its only
-// mutable state (namespace, read snapshot) is set once in `create` before the
+// mutable state (namespace, full-try flag) is set once in `create` before the
 // value is shared and never changed afterwards.
 unsafe impl Send for IoCtxInner {}
 // SAFETY: as above.
@@ -119,6 +119,7 @@ impl IoCtx {
         cluster: Arc<Cluster>,
         pool: &str,
         namespace: Option<&str>,
+        full_try: bool,
     ) -> Result<IoCtx> {
         let pool_c = cstr("rados_ioctx_create", "pool name", pool)?;
         let namespace = namespace.filter(|n| !n.is_empty());
@@ -144,6 +145,10 @@ impl IoCtx {
             // SAFETY: `ptr` is a fresh ioctx not yet shared with any other
             // thread; `ns` is NUL-terminated (librados copies it).
             unsafe { ffi::rados_ioctx_set_namespace(inner.ptr, ns.as_ptr()) };
+        }
+        if full_try {
+            // SAFETY: as above, a fresh ioctx not yet shared.
+            unsafe { ffi::rados_set_pool_full_try(inner.ptr) };
         }
         Ok(IoCtx {
             inner: Arc::new(inner),

@@ -8,11 +8,13 @@
 //! - [`Rados`]: a cluster connection, configured like the `rbd` tool
 //!   (conf, id, keyring, cluster name, options) with a bounded connect
 //!   ([`ConnectConfig::timeout`]); monitor commands, blocklisting, this
-//!   client's id and address for fencing.
+//!   client's id and address for fencing; a pool's full flags
+//!   ([`PoolFlags`]).
 //! - [`IoCtx`]: a pool and RADOS namespace. Whole-object I/O, omap reads,
 //!   atomic compound writes ([`WriteOp`]: create, asserts, omap
 //!   compare-and-set), cls advisory locks with leases, watch/notify
-//!   ([`Watch`]).
+//!   ([`Watch`]). [`Rados::ioctx_full_try`] makes writes to a full pool
+//!   fail at once (`ENOSPC`, `EDQUOT`) instead of waiting for space.
 //! - [`rbd`]: image create, clone (always clone format 2), list, remove; an
 //!   open [`rbd::Image`] for I/O, snapshots, parent and children, flatten,
 //!   the managed exclusive lock, per-image metadata and diffs.
@@ -21,7 +23,7 @@
 //! errno (`rbd_clone3 on image "x": No such file or directory (errno 2)`),
 //! with helpers for the errnos callers branch on ([`Error::is_not_found`],
 //! [`Error::is_exists`], [`Error::is_busy`], [`Error::is_canceled`],
-//! [`Error::is_timed_out`]).
+//! [`Error::is_timed_out`], [`Error::is_pool_full`]).
 //!
 //! Lifetimes: every [`IoCtx`], [`rbd::Image`] and [`Watch`] keeps the
 //! cluster connection alive, so no handle can outlive `rados_shutdown`.
@@ -42,6 +44,7 @@
 pub mod error;
 pub mod ffi;
 mod ioctx;
+mod pool;
 mod rados;
 pub mod rbd;
 mod util;
@@ -50,6 +53,7 @@ mod write_op;
 
 pub use error::{Error, Result, Target};
 pub use ioctx::{IoCtx, LockFlags, Locker, Lockers, OmapPage};
+pub use pool::PoolFlags;
 pub use rados::{ConnectConfig, Rados, librados_version};
 pub use watch::{Watch, WatchCallback};
 pub use write_op::{CmpOp, WriteOp};

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::error::{Error, Result, Target, check};
 use crate::ffi;
 use crate::ioctx::IoCtx;
+use crate::pool::PoolFlags;
 use crate::util::{cstr, path_cstr};
 
 /// How to reach and authenticate to a cluster; the settings the `rbd` tool
@@ -180,7 +181,37 @@ impl Rados {
     /// An I/O context on `pool`, in RADOS namespace `namespace` (`None` or
     /// `Some("")`: the default namespace). `ENOENT` if the pool does not exist.
     pub fn ioctx(&self, pool: &str, namespace: Option<&str>) -> Result<IoCtx> {
-        IoCtx::create(self.cluster.clone(), pool, namespace)
+        IoCtx::create(self.cluster.clone(), pool, namespace, false)
+    }
+
+    /// [`Rados::ioctx`], but its writes are sent even while the pool is
+    /// full: each then fails at once with `ENOSPC` (an OSD is full) or
+    /// `EDQUOT` (the pool's quota is reached) instead of waiting, possibly
+    /// until the operation timeout, for space; object removals go through
+    /// and free space. librbd calls on it inherit this (an image removal
+    /// fails too: librbd 16 first moves the image to the trash, a write).
+    pub fn ioctx_full_try(&self, pool: &str, namespace: Option<&str>) -> Result<IoCtx> {
+        IoCtx::create(self.cluster.clone(), pool, namespace, true)
+    }
+
+    /// The full-state flags the OSD map holds for `pool` (one monitor
+    /// command; needs `allow r` on the monitors). `ENOENT` if there is no
+    /// such pool.
+    pub fn pool_flags(&self, pool: &str) -> Result<PoolFlags> {
+        let command = r#"{"prefix":"osd pool ls","detail":"detail","format":"json"}"#;
+        let (out, _) = self.mon_command(command)?;
+        PoolFlags::from_pool_list(&out, pool).map_err(|e| match e {
+            crate::pool::ParseError::NoPool => Error::Op {
+                op: "rados_mon_command",
+                target: Target::Pool(pool.to_string()),
+                errno: libc::ENOENT,
+            },
+            crate::pool::ParseError::Json(reason) => Error::BadData {
+                op: "rados_mon_command",
+                target: Target::Command(command.to_string()),
+                reason,
+            },
+        })
     }
 
     /// This client's global id (the `N` of `client.N` that cls locks and

@@ -135,8 +135,7 @@ impl Engine {
         static FORMATS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = FORMATS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mountpoint = self
-            .home
-            .join("mnt")
+            .mount_dir
             .join(format!(".format-{}-{n}", std::process::id()));
         let formatted = (|| {
             fs::mkfs(self.runner.as_ref(), &mapped.device, self.settings.fs)

@@ -543,7 +543,7 @@ impl Engine {
     }
 
     fn mountpoint_dir(&self, id: &LayerId) -> PathBuf {
-        self.home.join("mnt").join(id.file_name())
+        self.mount_dir.join(id.file_name())
     }
 }
 

@@ -69,8 +69,15 @@ impl Engine {
     /// Creates layer `id` on `parent` (empty: on the base image).
     /// Creating a layer that already exists with the same parent succeeds
     /// (Docker retries after errors).
+    /// Refused at once, before anything is recorded, while the pool is
+    /// full ([`EngineError::PoolFull`]).
     #[tracing::instrument(skip(self, opts), fields(kind = ?opts.kind, size = ?opts.size))]
     pub fn create(&self, id: &str, parent: &str, opts: &CreateOptions) -> Result<()> {
+        self.create_layer(id, parent, opts)
+            .map_err(|e| self.explain_full(e))
+    }
+
+    fn create_layer(&self, id: &str, parent: &str, opts: &CreateOptions) -> Result<()> {
         let id = Self::parse(id)?;
         let parent = LayerId::parse_parent(parent)?;
         if let Some(size) = opts.size
@@ -82,6 +89,7 @@ impl Engine {
                 reason: format!("below the {} MiB minimum", MIN_LAYER_SIZE >> 20),
             });
         }
+        self.ensure_room()?;
         let _held = self
             .locks
             .lock(&[id.as_str(), parent.as_ref().map_or("", LayerId::as_str)]);
@@ -436,7 +444,7 @@ impl Engine {
     /// [`Engine::purge`]. Unknown ids succeed.
     pub fn remove(&self, id: &str) -> Result<()> {
         if let Some(purge) = self.retire(id)? {
-            self.purge(&purge)?;
+            self.purge(&purge).map_err(|e| self.explain_full(e))?;
         }
         Ok(())
     }
@@ -448,6 +456,10 @@ impl Engine {
     /// is `Retired`. Unknown ids succeed.
     #[tracing::instrument(skip(self))]
     pub fn retire(&self, id: &str) -> Result<Option<Purge>> {
+        self.retire_layer(id).map_err(|e| self.explain_full(e))
+    }
+
+    fn retire_layer(&self, id: &str) -> Result<Option<Purge>> {
         let id = Self::parse(id)?;
         let layers = self.store.layers();
         let Some(current) = layers.get(id.as_str())? else {
@@ -874,7 +886,13 @@ pub fn remove_layer_image(ioctx: &IoCtx, id: &str, image: &str) -> Result<()> {
     drop(img);
     match rbd::remove(ioctx, image) {
         Ok(()) => Ok(()),
-        Err(e) if e.is_not_found() => Ok(()),
+        // librbd 16 answers ENOENT too when its move of the image to the
+        // trash failed (a full pool): gone only if it no longer opens.
+        Err(e) if e.is_not_found() => match Image::open_read_only(ioctx, image, None) {
+            Err(again) if again.is_not_found() => Ok(()),
+            Ok(_) => Err(ceph("remove image", id)(e)),
+            Err(again) => Err(ceph("remove image", id)(again)),
+        },
         Err(e) if e.is_busy() => Err(EngineError::Conflict {
             layer: id.to_string(),
             reason: "its image is still in use (mapped or open on a host)".into(),

@@ -15,10 +15,12 @@
 //! - **the base image** ([`base`]): one formatted filesystem per pool,
 //!   namespace, filesystem and size, made once under a RADOS lock.
 //! - **mounts** ([`mounts`]): `get`/`put` map the image with the configured
-//!   mapper, mount it at `<home>/mnt/<id>` and hand out its `rootfs`
-//!   subdirectory, reference-counted; the local state file records each step
+//!   mapper, mount it at `<mount dir>/<id>` (outside the Home) and hand out
+//!   its `rootfs` subdirectory, reference-counted; the local state file records each step
 //!   so a restarted daemon adopts live mounts and clears stale ones
 //!   ([`Engine::recover`]).
+//! - **pool space** ([`space`]): requests that would write to a full pool
+//!   are refused at once.
 //!
 //! Concurrency: every operation on a layer holds that layer's lock within
 //! this daemon (`locks`); an operation touching a layer and its parent
@@ -35,6 +37,7 @@ mod locks;
 pub mod mounts;
 pub mod purge;
 pub mod reaper;
+pub mod space;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -151,6 +154,14 @@ pub enum EngineError {
         /// The Home that daemon recorded.
         home: String,
     },
+    /// The pool is full: Ceph refuses writes to it.
+    #[error("pool {pool:?} is full: {cause}")]
+    PoolFull {
+        /// The pool.
+        pool: String,
+        /// Why it is full.
+        cause: space::FullCause,
+    },
     /// A per-container storage option is wrong.
     #[error("invalid storage option {key}={value:?}: {reason}")]
     StorageOpt {
@@ -228,6 +239,7 @@ const OSD_OP_TIMEOUT_SECS: u64 = 120;
 pub struct Engine {
     settings: Settings,
     home: PathBuf,
+    mount_dir: PathBuf,
     host_id: String,
     rados: Rados,
     ioctx: Arc<IoCtx>,
@@ -237,6 +249,7 @@ pub struct Engine {
     local: LocalState,
     locks: LayerLocks,
     lease: Option<lease::HostLease>,
+    space: space::SpaceCache,
 }
 
 impl Engine {
@@ -250,7 +263,10 @@ impl Engine {
     /// mapper (the default is found next to the running executable).
     pub fn open_with(settings: Settings, home: &Path, fuse_helper: HelperCommand) -> Result<Self> {
         std::fs::create_dir_all(home).map_err(io("create", home))?;
+        let mount_dir = settings.mount_dir(home);
+        std::fs::create_dir_all(&mount_dir).map_err(io("create", &mount_dir))?;
         let (rados, ioctx) = connect(&settings)?;
+        keep_trash_object(&ioctx);
         let store = metadata::Store::new(ioctx.clone(), settings.naming.metadata_prefix());
         let mut mapper_config = MapperConfig::new(settings.ceph.clone());
         mapper_config.fuse.run_dir = home.join("fuse");
@@ -273,6 +289,7 @@ impl Engine {
         let engine = Self {
             settings,
             home: home.to_path_buf(),
+            mount_dir,
             host_id,
             rados,
             ioctx,
@@ -282,6 +299,7 @@ impl Engine {
             local,
             locks: LayerLocks::default(),
             lease: Some(lease),
+            space: space::SpaceCache::default(),
         };
         engine.recover();
         Ok(engine)
@@ -301,6 +319,11 @@ impl Engine {
     /// The driver's Home.
     pub fn home(&self) -> &Path {
         &self.home
+    }
+
+    /// Where layers are mounted ([`Settings::mount_dir`]).
+    pub fn mount_dir(&self) -> &Path {
+        &self.mount_dir
     }
 
     /// The mapper in use.
@@ -396,10 +419,22 @@ pub fn connect_with(
     }
     let ioctx = Arc::new(
         rados
-            .ioctx(&settings.pool, namespace)
+            .ioctx_full_try(&settings.pool, namespace)
             .map_err(connect_err(&settings.pool))?,
     );
     Ok((rados, ioctx))
+}
+
+/// librbd removes an image by moving it to the trash first: a key added to
+/// the `rbd_trash` object, which librbd makes on the first removal. On a
+/// full pool making an object is refused while adding a key is not (the
+/// OSDs refuse only writes that add bytes or objects), so with the object
+/// made beforehand layers can still be removed, freeing space, when the
+/// pool is full.
+fn keep_trash_object(ioctx: &IoCtx) {
+    if let Err(e) = ioctx.operate("rbd_trash", ceph_client::WriteOp::new().create(false)) {
+        tracing::warn!(error = %e, "cannot make the rbd_trash object: removals will wait for room while the pool is full");
+    }
 }
 
 /// RBD keeps images of a RADOS namespace only once the namespace is

@@ -1,7 +1,8 @@
 //! `get`/`put`: layers mapped, mounted and reference-counted on this host.
 //!
-//! A layer is mounted at `<home>/mnt/<id>` and Docker gets
-//! `<home>/mnt/<id>/rootfs`, the same path on every call. Each step is
+//! A layer is mounted at `<mount dir>/<id>` (outside the Home:
+//! [`crate::config::Settings::mount_dir`]) and Docker gets
+//! `<mount dir>/<id>/rootfs`, the same path on every call. Each step is
 //! recorded in the local state before it is taken (`Mapping`, then
 //! `Mounting` with the device, then `Mounted` with the count), so after a
 //! crash `Engine::recover_mounts` knows exactly what may exist: a
@@ -115,15 +116,18 @@ pub const MOUNTS: Table<MountRecord> = Table::new("mounts");
 
 impl Engine {
     fn mountpoint(&self, id: &LayerId) -> PathBuf {
-        self.home.join("mnt").join(id.file_name())
+        self.mount_dir.join(id.file_name())
     }
 
     /// Mounts the layer (or counts one more user) and returns its root.
     #[tracing::instrument(skip(self))]
+    /// A writable layer not yet mounted is refused at once while the pool
+    /// is full ([`EngineError::PoolFull`]); read-only ones still mount.
     pub fn get(&self, id: &str, mount_label: &str) -> Result<PathBuf> {
         let id = Self::parse(id)?;
         let _held = self.lock_layer(&id)?;
         self.get_locked(&id, mount_label, false)
+            .map_err(|e| self.explain_full(e))
     }
 
     /// Releases one `get`; the last one unmounts and unmaps. Releasing a
@@ -255,6 +259,11 @@ impl Engine {
                 return self.get_shared_init_user(id, &rec, layer, mount_label);
             }
             None => {}
+        }
+        if !rec.sealed {
+            // A writable mapping writes at once (the image's header, the
+            // journal replay of the mount).
+            self.ensure_room()?;
         }
         let mut m = MountRecord {
             v: 1,

@@ -5,12 +5,16 @@
 //! `docker rm` would otherwise wait for. [`Engine::retire`] records the
 //! intent (the layer is `Removing` in RADOS) and returns; the [`Purger`]'s
 //! thread then runs [`Engine::purge`] for each such layer, in order. A
-//! crash or shutdown with purges queued loses nothing: startup recovery
-//! finishes every `Removing` layer it finds.
+//! purge that fails (a full pool, a watch a dead client left on the image)
+//! is tried again after [`RETRY_FIRST`], then at doubling intervals up to
+//! [`RETRY_MAX`]. A crash or shutdown with purges queued loses nothing:
+//! startup recovery finishes every `Removing` layer it finds.
 
 use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::Engine;
 use super::layers::Purge;
@@ -38,7 +42,8 @@ impl Purger {
     /// thread.
     pub fn submit(&self, engine: &Engine, purge: Purge) {
         let Some(queue) = &self.queue else {
-            return purge_now(engine, &purge);
+            purge_now(engine, &purge);
+            return;
         };
         if let Err(mpsc::SendError(purge)) = queue.send(purge) {
             purge_now(engine, &purge);
@@ -46,25 +51,78 @@ impl Purger {
     }
 }
 
+/// The wait before a failed purge is tried again; doubled after each
+/// failure, up to [`RETRY_MAX`].
+pub const RETRY_FIRST: Duration = Duration::from_secs(5);
+/// The longest wait between two tries of a failing purge.
+pub const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// A purge that failed, and when to try it again.
+struct Retry {
+    purge: Purge,
+    at: Instant,
+    wait: Duration,
+}
+
 fn run(engine: &Engine, jobs: &Receiver<Purge>) {
-    while let Ok(purge) = jobs.recv() {
-        purge_now(engine, &purge);
+    let mut retries: Vec<Retry> = Vec::new();
+    loop {
+        let job = match retries.iter().map(|r| r.at).min() {
+            None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => jobs.recv_timeout(at.saturating_duration_since(Instant::now())),
+        };
+        match job {
+            Ok(purge) => {
+                if !purge_now(engine, &purge) {
+                    retries.push(Retry {
+                        purge,
+                        at: Instant::now() + RETRY_FIRST,
+                        wait: RETRY_FIRST,
+                    });
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        let due: Vec<Retry> = retries.extract_if(.., |r| r.at <= now).collect();
+        for retry in due {
+            if !purge_now(engine, &retry.purge) {
+                let wait = (retry.wait * 2).min(RETRY_MAX);
+                retries.push(Retry {
+                    at: Instant::now() + wait,
+                    wait,
+                    ..retry
+                });
+            }
+        }
+    }
+    // Shutting down: one last try; what still fails stays `Removing`.
+    for retry in retries {
+        purge_now(engine, &retry.purge);
     }
 }
 
-fn purge_now(engine: &Engine, purge: &Purge) {
+/// Purges one layer; whether it is done.
+fn purge_now(engine: &Engine, purge: &Purge) -> bool {
     let started = std::time::Instant::now();
     match engine.purge(purge) {
-        Ok(()) => tracing::debug!(
-            layer = %purge.id,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "purged"
-        ),
-        Err(e) => tracing::warn!(
-            layer = %purge.id,
-            error = %e,
-            "purging a removed layer failed; it stays Removing, and startup recovery finishes it"
-        ),
+        Ok(()) => {
+            tracing::debug!(
+                layer = %purge.id,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "purged"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                layer = %purge.id,
+                error = %e,
+                "purging a removed layer failed; it stays Removing and is tried again"
+            );
+            false
+        }
     }
 }
 

@@ -78,3 +78,198 @@ pub fn unique_namespace(test: &str) -> String {
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// A single-node cluster of one test's own (`scripts/ceph-dev` in a scratch
+/// directory), for tests that change the whole cluster (its full ratios)
+/// and so cannot share the suite's cluster. Stopped, by the pids it
+/// recorded, when dropped; [`crate::sweep_orphans`] stops one whose test
+/// process was killed.
+pub struct PrivateCluster {
+    env: CephEnv,
+    dir: tempfile::TempDir,
+    admin: ceph_client::Rados,
+}
+
+/// The OSD map ratios `scripts/ceph-dev` leaves (Ceph's defaults).
+const DEFAULT_RATIOS: FullRatios = FullRatios {
+    nearfull: 0.85,
+    backfillfull: 0.90,
+    full: 0.95,
+};
+
+/// The three fill ratios of the OSD map.
+#[derive(Debug, Clone, Copy)]
+struct FullRatios {
+    nearfull: f64,
+    backfillfull: f64,
+    full: f64,
+}
+
+impl PrivateCluster {
+    /// Starts a cluster whose OSD holds `memstore_bytes`; `None` when test
+    /// `test` must skip (no Ceph daemons installed, bare `cargo test`).
+    pub fn start(test: &str, memstore_bytes: u64) -> Option<Self> {
+        for program in ["ceph-mon", "ceph-osd"] {
+            let found = std::env::var_os("PATH").is_some_and(|path| {
+                std::env::split_paths(&path).any(|d| d.join(program).is_file())
+            });
+            let missing = (!found).then(|| format!("{program} is not installed"));
+            if !crate::require::check(test, missing) {
+                return None;
+            }
+        }
+        let dir = crate::scratch_dir("ceph").unwrap_or_else(|e| panic!("{test}: {e}"));
+        let output = std::process::Command::new(ceph_dev())
+            .arg("start")
+            .arg(dir.path())
+            .env("CEPH_DEV_MEMSTORE_BYTES", memstore_bytes.to_string())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{test}: running scripts/ceph-dev: {e}"));
+        let stop_and_panic = |why: String| -> ! {
+            stop(dir.path());
+            panic!("{test}: private cluster: {why}")
+        };
+        if !output.status.success() {
+            stop_and_panic(format!(
+                "scripts/ceph-dev start failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        let path = dir.path();
+        let env = CephEnv {
+            conf: path.join("ceph.conf"),
+            id: "docker-rbd".into(),
+            keyring: path.join("keyring"),
+            pool: "rbd".into(),
+        };
+        let admin = ceph_client::Rados::connect(&ceph_client::ConnectConfig {
+            conf: Some(env.conf.clone()),
+            id: Some("admin".into()),
+            keyring: Some(path.join("admin.keyring")),
+            ..ceph_client::ConnectConfig::default()
+        })
+        .unwrap_or_else(|e| stop_and_panic(format!("connecting as client.admin: {e}")));
+        Some(Self { env, dir, admin })
+    }
+
+    /// Its coordinates, as [`env`] gives the shared cluster's.
+    pub fn env(&self) -> &CephEnv {
+        &self.env
+    }
+
+    /// A client.admin connection.
+    pub fn admin(&self) -> &ceph_client::Rados {
+        &self.admin
+    }
+
+    /// Marks the OSD full (the pool's `full` flag, as when the cluster
+    /// filled up): writes `filler` bytes of objects to the pool's default
+    /// namespace, then sets the full ratios just below what the OSD holds.
+    /// Waits until the OSD map says so.
+    pub fn make_full(&self, filler: usize) -> Result<(), String> {
+        let ioctx = self
+            .admin
+            .ioctx(&self.env.pool, Some("filler"))
+            .map_err(|e| e.to_string())?;
+        let chunk = vec![0x5a_u8; 4 << 20];
+        for (n, left) in (0..filler).step_by(chunk.len()).enumerate() {
+            let len = chunk.len().min(filler - left);
+            ioctx
+                .write_full(&format!("filler.{n}"), &chunk[..len])
+                .map_err(|e| e.to_string())?;
+        }
+        self.set_ratios(FullRatios {
+            nearfull: 0.001,
+            backfillfull: 0.002,
+            full: 0.003,
+        })?;
+        self.wait_for_flags(|f| f.full)
+    }
+
+    /// Only near full: a warning, writes go on.
+    pub fn make_nearfull(&self) -> Result<(), String> {
+        self.set_ratios(FullRatios {
+            nearfull: 0.001,
+            ..DEFAULT_RATIOS
+        })?;
+        self.wait_for_flags(|f| f.nearfull && !f.full)
+    }
+
+    /// Back to Ceph's default ratios; waits until the pool is not full.
+    pub fn clear_full(&self) -> Result<(), String> {
+        self.set_ratios(DEFAULT_RATIOS)?;
+        self.wait_for_flags(|f| !f.full && !f.nearfull)
+    }
+
+    /// The pool's flags now, as client.admin reads them.
+    pub fn flags(&self) -> Result<ceph_client::PoolFlags, String> {
+        self.admin
+            .pool_flags(&self.env.pool)
+            .map_err(|e| e.to_string())
+    }
+
+    fn set_ratios(&self, r: FullRatios) -> Result<(), String> {
+        for (prefix, ratio) in [
+            ("osd set-nearfull-ratio", r.nearfull),
+            ("osd set-backfillfull-ratio", r.backfillfull),
+            ("osd set-full-ratio", r.full),
+        ] {
+            self.admin
+                .mon_command(&format!(r#"{{"prefix":"{prefix}","ratio":{ratio}}}"#))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The OSD reports its use to the monitors every few seconds; they set
+    /// the pool's flags from it.
+    fn wait_for_flags(&self, want: impl Fn(&ceph_client::PoolFlags) -> bool) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        loop {
+            let flags = self.flags()?;
+            if want(&flags) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("pool flags still {flags:?} after 90 s"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        stop(self.dir.path());
+    }
+}
+
+/// Whether `dir` holds a cluster `scripts/ceph-dev` started.
+pub(crate) fn is_cluster_dir(dir: &std::path::Path) -> bool {
+    dir.join("ceph.conf").is_file() && dir.join("pids").is_dir()
+}
+
+/// Stops the daemons `scripts/ceph-dev` started in `dir` (by its recorded
+/// pids); returns what went wrong.
+pub(crate) fn stop(dir: &std::path::Path) -> Option<String> {
+    match std::process::Command::new(ceph_dev())
+        .arg("stop")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(format!(
+            "scripts/ceph-dev stop {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )),
+        Err(e) => Some(format!("scripts/ceph-dev stop: {e}")),
+    }
+}
+
+fn ceph_dev() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-dev")
+}

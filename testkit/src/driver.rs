@@ -103,7 +103,16 @@ fn unmount(host: Option<&Host>, target: &Path) {
     }
 }
 
-/// Starts ending what a stopped (or killed) plugin left under `home`,
+/// Where the driver whose Home is `home` mounts its layers with the default
+/// `rbd.mountroot` (docker-rbd's `Settings::mount_dir`): `/run/docker-rbd/`
+/// and the first 16 hex digits of the SHA-256 of the Home's path.
+pub fn mount_dir(home: &Path) -> PathBuf {
+    let digest = crate::sha256::hex_digest(home.as_os_str().as_encoded_bytes());
+    Path::new("/run/docker-rbd").join(&digest[..16])
+}
+
+/// Starts ending what a stopped (or killed) plugin left under `home`
+/// and its mount directory ([`mount_dir`]),
 /// whose mounts live in `host`'s namespace (or the test's): unmounts the
 /// layers and detaches the loop devices on its FUSE files (a device that a
 /// container of a dead dockerd still holds detaches on its last close).
@@ -111,7 +120,7 @@ fn unmount(host: Option<&Host>, target: &Path) {
 /// [`Leftovers::finish`].
 pub fn cleanup_home(test: &str, home: &Path, host: Option<&Host>) -> Leftovers {
     let pid = host.map(Host::pid);
-    let mut layer_mounts = crate::mounts::mounts_under(pid, &home.join("mnt")).unwrap_or_default();
+    let mut layer_mounts = crate::mounts::mounts_under(pid, &mount_dir(home)).unwrap_or_default();
     layer_mounts.reverse();
     for m in &layer_mounts {
         eprintln!("[{test}] cleanup: unmounting {}", m.display());
@@ -172,6 +181,15 @@ impl Leftovers {
             {
                 problems.push(format!("FUSE server {server}: {e}"));
             }
+        }
+        // The plugin's Init made the mount directory a private mount of
+        // its own; a host's /run goes with the host.
+        if self.host.is_none() {
+            let dir = mount_dir(&self.home);
+            if let Err(e) = crate::mounts::unmount_under(None, &dir) {
+                problems.push(format!("{}: {e}", dir.display()));
+            }
+            let _ = std::fs::remove_dir(&dir);
         }
         for p in &problems {
             eprintln!("[{}] cleanup: {p}", self.test);

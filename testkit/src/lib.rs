@@ -4,7 +4,8 @@
 //!   cluster, root, FUSE, loop devices, dockerd) runs, skips, or fails: bare
 //!   `cargo test` skips with a message; under `scripts/test`, which sets
 //!   `DOCKER_RBD_TEST_STRICT=1`, a missing prerequisite is a failure.
-//! - [`ceph`]: where the test cluster is.
+//! - [`ceph`]: where the test cluster is; a private cluster for a test
+//!   that fills it up ([`ceph::PrivateCluster`]).
 //! - [`dockerd`]: a private dockerd per test ([`dockerd::Dockerd`]).
 //! - [`host`]: a private mount namespace standing for one machine
 //!   ([`host::Host`]), so one test can run several dockerds side by side.

@@ -117,6 +117,9 @@ pub fn sweep_orphans() -> Vec<String> {
         if crate::dockerd::is_instance_dir(&dir) {
             errs.extend(crate::dockerd::reap_orphan(&dir));
         }
+        if crate::ceph::is_cluster_dir(&dir) {
+            errs.extend(crate::ceph::stop(&dir));
+        }
         if let Err(e) = mounts::unmount_under(None, &dir) {
             errs.push(e);
         }
