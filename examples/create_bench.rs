@@ -6,12 +6,13 @@
 //! `create` of children of a parent holding 1 GiB (written through the
 //! filesystem, then sealed by the first child), same engine, same run. It
 //! also times `get` (map + mount) of a fresh child of each, and prints the
-//! medians side by side.
+//! medians side by side. Then the space a tiny layer costs, with
+//! docker-rbd's image options beside RBD's defaults ([`space_per_layer`]).
 //!
 //! ```text
 //! scripts/ceph-dev start /tmp/bench-ceph && source /tmp/bench-ceph/env
 //! cargo build --release --bins --example create_bench
-//! target/release/examples/create_bench [--big-mib 1024] [--rounds 10]
+//! target/release/examples/create_bench [--big-mib 1024] [--rounds 10] [--tiny-layers 8]
 //! ```
 //!
 //! Needs root, /dev/fuse, /dev/loop-control and the cluster variables of
@@ -60,42 +61,21 @@ fn fill(engine: &Engine, layer: &str, mib: u64) -> Result<()> {
 fn main() -> Result<()> {
     let mut big_mib = 1024u64;
     let mut rounds = 10usize;
+    let mut tiny_layers = 8usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let value = args.next().with_context(|| format!("{a} needs a value"))?;
         match a.as_str() {
             "--big-mib" => big_mib = value.parse().context("--big-mib")?,
             "--rounds" => rounds = value.parse().context("--rounds")?,
+            "--tiny-layers" => tiny_layers = value.parse().context("--tiny-layers")?,
             other => bail!("unknown argument {other}"),
         }
     }
-    let var = |name: &str| {
-        std::env::var(name)
-            .with_context(|| format!("{name} is not set (source a scripts/ceph-dev env)"))
-    };
     let namespace = format!("create-bench-{}", std::process::id());
-    let mut raw = RawSettings::default();
-    for (k, v) in [
-        ("conf", var("DOCKER_RBD_CEPH_CONF")?),
-        ("id", var("DOCKER_RBD_CEPH_ID")?),
-        ("keyring", var("DOCKER_RBD_CEPH_KEYRING")?),
-        ("pool", var("DOCKER_RBD_POOL")?),
-        ("namespace", namespace.clone()),
-        ("mapper", "fuse".into()),
-        ("basesize", format!("{}M", (big_mib + 512).max(1024))),
-    ] {
-        raw.set(k, &v, Source::Flag);
-    }
-    let settings = raw.resolve()?;
     let home = tempfile::tempdir()?;
-    let helper = std::env::current_exe()?
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("docker-rbd-fuse"))
-        .filter(|p| p.is_file())
-        .map(HelperCommand::binary)
-        .unwrap_or_else(HelperCommand::locate);
-    let engine = Engine::open_with(settings, home.path(), helper)?;
+    let basesize = format!("{}M", (big_mib + 512).max(1024));
+    let engine = open_engine(&namespace, home.path(), &[("basesize", &basesize)])?;
     let image = CreateOptions {
         kind: LayerKind::Image,
         size: None,
@@ -164,7 +144,146 @@ fn main() -> Result<()> {
     // The base image and the namespace go too.
     drop(engine);
     cleanup_namespace(&namespace)?;
+
+    space_per_layer(tiny_layers)?;
     Ok(())
+}
+
+/// An engine on its own Home and namespace, with the cluster of the
+/// environment and `extra` settings.
+fn open_engine(namespace: &str, home: &Path, extra: &[(&str, &str)]) -> Result<Engine> {
+    let var = |name: &str| {
+        std::env::var(name)
+            .with_context(|| format!("{name} is not set (source a scripts/ceph-dev env)"))
+    };
+    let mut raw = RawSettings::default();
+    for (k, v) in [
+        ("conf", var("DOCKER_RBD_CEPH_CONF")?),
+        ("id", var("DOCKER_RBD_CEPH_ID")?),
+        ("keyring", var("DOCKER_RBD_CEPH_KEYRING")?),
+        ("pool", var("DOCKER_RBD_POOL")?),
+        ("namespace", namespace.to_string()),
+        ("mapper", "fuse".into()),
+    ] {
+        raw.set(k, &v, Source::Flag);
+    }
+    for (k, v) in extra {
+        raw.set(k, v, Source::Flag);
+    }
+    let settings = raw.resolve()?;
+    let helper = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("docker-rbd-fuse"))
+        .filter(|p| p.is_file())
+        .map(HelperCommand::binary)
+        .unwrap_or_else(HelperCommand::locate);
+    Ok(Engine::open_with(settings, home, helper)?)
+}
+
+/// Space per tiny layer: a chain of `count` image layers (as a Dockerfile
+/// makes them), each adding three files of a few bytes over a 10 GiB base,
+/// with docker-rbd's image options beside RBD's defaults (4 MiB objects, no
+/// object map) as the baseline. Per layer: the RADOS data it holds (each
+/// object at its logical size), what `rbd du` says it uses, and the time
+/// to remove it.
+fn space_per_layer(count: usize) -> Result<()> {
+    println!(
+        "\nspace per tiny layer: a chain of {count} layers of three tiny files each, 10 GiB base"
+    );
+    println!(
+        "{:<40} {:>14} {:>14} {:>16}",
+        "", "RADOS data", "rbd du used", "remove median"
+    );
+    for (label, extra) in [
+        (
+            "4 MiB objects, no object map (baseline)",
+            &[("objectsize", "4M"), ("objectmap", "false")][..],
+        ),
+        ("docker-rbd defaults (256 KiB, object map)", &[][..]),
+    ] {
+        let namespace = format!("space-bench-{}", std::process::id());
+        let home = tempfile::tempdir()?;
+        let mut settings = vec![("basesize", "10G"), ("flattendepth", "15")];
+        settings.extend_from_slice(extra);
+        let engine = open_engine(&namespace, home.path(), &settings)?;
+        let image = CreateOptions {
+            kind: LayerKind::Image,
+            size: None,
+            mount_label: String::new(),
+        };
+        let layers: Vec<String> = (1..=count as u64).map(id).collect();
+        let mut parent = String::new();
+        for layer in &layers {
+            engine.create(layer, &parent, &image)?;
+            let root = engine.get(layer, "")?;
+            for name in ["a", "b", "c"] {
+                std::fs::write(root.join(format!("{layer}-{name}")), name)?;
+            }
+            engine.put(layer)?;
+            engine.release_idle_mounts(true);
+            parent = layer.clone();
+        }
+        let ioctx = engine.store().ioctx().clone();
+        let objects = ioctx.list_objects()?;
+        let (mut data, mut used) = (0u64, 0u64);
+        for layer in &layers {
+            let name = engine.info(layer)?.record.image;
+            let img = ceph_client::rbd::Image::open_read_only(&ioctx, &name, None)?;
+            let prefix = format!("rbd_data.{}.", img.id()?);
+            for o in objects.iter().filter(|o| o.starts_with(&prefix)) {
+                data += ioctx.stat(o)?.0;
+            }
+            used += rbd_du_used(&namespace, &name)?;
+        }
+        let mut removes = Vec::new();
+        for layer in layers.iter().rev() {
+            let t = Instant::now();
+            engine.remove(layer)?;
+            removes.push(t.elapsed());
+        }
+        let per = |bytes: u64| {
+            format!(
+                "{:.2} MiB",
+                bytes as f64 / count as f64 / f64::from(1 << 20)
+            )
+        };
+        println!(
+            "{label:<40} {:>14} {:>14} {:>16}",
+            per(data),
+            per(used),
+            ms(median(removes))
+        );
+        drop(engine);
+        cleanup_namespace(&namespace)?;
+    }
+    Ok(())
+}
+
+/// `rbd du`'s used bytes of one image of the namespace.
+fn rbd_du_used(namespace: &str, image: &str) -> Result<u64> {
+    let var = |n: &str| std::env::var(n).with_context(|| format!("{n} is not set"));
+    let out = std::process::Command::new("rbd")
+        .args(["-c", &var("DOCKER_RBD_CEPH_CONF")?])
+        .args(["--id", &var("DOCKER_RBD_CEPH_ID")?])
+        .args(["--keyring", &var("DOCKER_RBD_CEPH_KEYRING")?])
+        .args(["-p", &var("DOCKER_RBD_POOL")?, "--namespace", namespace])
+        .args(["du", "--format", "json", image])
+        .output()
+        .context("running rbd du")?;
+    if !out.status.success() {
+        bail!("rbd du {image}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("rbd du output")?;
+    // The image itself, not its snapshots: the entry without "snapshot".
+    let used = json["images"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i.get("snapshot").is_none())
+        .filter_map(|i| i["used_size"].as_u64())
+        .sum();
+    Ok(used)
 }
 
 /// Removes what is left in the namespace (the base image, the metadata

@@ -171,6 +171,12 @@ pub struct SettingsArgs {
     /// Directory holding the layers' mount points, outside the data root (rbd.mountroot).
     #[arg(long = "mount-root", value_name = "DIR")]
     mount_root: Option<String>,
+    /// RADOS object size of new layer images, 64K to 32M (rbd.objectsize).
+    #[arg(long = "object-size", value_name = "SIZE")]
+    object_size: Option<String>,
+    /// New layer images keep an object map (rbd.objectmap).
+    #[arg(long = "object-map", value_name = "BOOL")]
+    object_map: Option<String>,
     /// Config file of `key = value` lines, same keys as --storage-opt.
     #[arg(long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -207,6 +213,8 @@ impl SettingsArgs {
             shared_init,
             mount_linger,
             mount_root,
+            object_size,
+            object_map,
             config
         );
     }
@@ -238,6 +246,8 @@ impl SettingsArgs {
             ("sharedinit", self.shared_init.clone()),
             ("mountlinger", self.mount_linger.clone()),
             ("mountroot", self.mount_root.clone()),
+            ("objectsize", self.object_size.clone()),
+            ("objectmap", self.object_map.clone()),
         ] {
             if let Some(value) = value {
                 flags.set(key, &value, Source::Flag);

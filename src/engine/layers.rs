@@ -59,10 +59,16 @@ pub const MIN_LAYER_SIZE: u64 = 16 << 20;
 pub const REMOVE_IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Engine {
+    /// Features and object size of every image the engine makes.
     pub(crate) fn image_options(&self) -> ImageOptions {
+        let map = if self.settings.object_map {
+            rbd::RBD_FEATURE_OBJECT_MAP | rbd::RBD_FEATURE_FAST_DIFF
+        } else {
+            0
+        };
         ImageOptions {
-            features: Some(IMAGE_FEATURES),
-            order: None,
+            features: Some(IMAGE_FEATURES | map),
+            order: Some(self.settings.object_order),
         }
     }
 
