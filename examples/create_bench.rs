@@ -142,7 +142,7 @@ fn main() -> Result<()> {
     );
 
     // The base image and the namespace go too.
-    drop(engine);
+    close(engine);
     cleanup_namespace(&namespace)?;
 
     space_per_layer(tiny_layers)?;
@@ -254,10 +254,17 @@ fn space_per_layer(count: usize) -> Result<()> {
             per(used),
             ms(median(removes))
         );
-        drop(engine);
+        close(engine);
         cleanup_namespace(&namespace)?;
     }
     Ok(())
+}
+
+/// Stops `engine` and removes its (empty) mount directory.
+fn close(engine: Engine) {
+    let mount_dir = engine.mount_dir().to_path_buf();
+    drop(engine);
+    let _ = std::fs::remove_dir(mount_dir);
 }
 
 /// `rbd du`'s used bytes of one image of the namespace.

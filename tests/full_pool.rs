@@ -17,8 +17,6 @@ use graphdriver_api::types::{CreateRequest, InitRequest};
 use testkit::ceph::PrivateCluster;
 use testkit::images::Layer;
 
-const TEST: &str = "a_full_pool_is_refused_at_once_and_nothing_is_left_half_made";
-
 fn id(n: u32) -> String {
     format!("{n:064x}")
 }
@@ -41,55 +39,52 @@ fn tar(name: &str) -> Vec<u8> {
 /// Unmounts and ends what the plugin left under its Home, whatever the
 /// test's outcome; the cluster (dropped after) goes with its images.
 struct Cleanup {
+    test: &'static str,
     home: tempfile::TempDir,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        let test = self.test;
         let home = self.home.path().join("rbd");
-        let left = testkit::driver::cleanup_home(TEST, &home, None).finish();
+        let left = testkit::driver::cleanup_home(test, &home, None).finish();
         if let Err(e) = testkit::mounts::unmount_under(None, self.home.path()) {
-            eprintln!("[{TEST}] cleanup: {e}");
+            eprintln!("[{test}] cleanup: {e}");
         }
         if !left.is_empty() && !std::thread::panicking() {
-            panic!("[{TEST}] left behind: {left:?}");
+            panic!("[{test}] left behind: {left:?}");
         }
     }
 }
 
-fn status_of(plugin: &RbdPlugin, key: &str) -> String {
-    plugin
-        .status()
-        .expect("status")
-        .into_iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| panic!("no {key:?} in Status"))
+/// A plugin initialised on a cluster of the test's own; dropped in field
+/// order: the plugin, then what it left on this host, then the cluster.
+struct Setup {
+    plugin: RbdPlugin,
+    /// The fleet's namespace, writes sent even while the pool is full.
+    ioctx: IoCtx,
+    _rados: Rados,
+    _cleanup: Cleanup,
+    cluster: PrivateCluster,
 }
 
-fn images(ioctx: &IoCtx) -> BTreeSet<String> {
-    rbd::list(ioctx)
-        .expect("list images")
-        .into_iter()
-        .map(|i| i.name)
-        .collect()
-}
-
-#[test]
-fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
+fn setup(test: &'static str, with_mgr: bool) -> Option<Setup> {
     for missing in [
         testkit::require::root(),
         testkit::require::path("/dev/fuse"),
         testkit::require::path("/dev/loop-control"),
     ] {
-        if !testkit::require::check(TEST, missing) {
-            return;
+        if !testkit::require::check(test, missing) {
+            return None;
         }
     }
-    let Some(cluster) = PrivateCluster::start(TEST, 1 << 30) else {
-        return;
+    let cluster = if with_mgr {
+        PrivateCluster::start_with_mgr(test, 1 << 30)?
+    } else {
+        PrivateCluster::start(test, 1 << 30)?
     };
     let cleanup = Cleanup {
+        test,
         home: tempfile::tempdir().expect("tempdir"),
     };
     let ceph = cluster.env();
@@ -127,7 +122,50 @@ fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
     let ioctx = rados
         .ioctx_full_try(&ceph.pool, Some(namespace))
         .expect("ioctx");
-    assert_eq!(status_of(&plugin, "Pool Space"), "available");
+    Some(Setup {
+        plugin,
+        ioctx,
+        _rados: rados,
+        _cleanup: cleanup,
+        cluster,
+    })
+}
+
+fn said_full(pool: &str, what: &str, err: &dyn std::fmt::Display) {
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("pool {pool:?} is full")),
+        "{what}: {msg}"
+    );
+}
+
+fn status_of(plugin: &RbdPlugin, key: &str) -> String {
+    plugin
+        .status()
+        .expect("status")
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no {key:?} in Status"))
+}
+
+fn images(ioctx: &IoCtx) -> BTreeSet<String> {
+    rbd::list(ioctx)
+        .expect("list images")
+        .into_iter()
+        .map(|i| i.name)
+        .collect()
+}
+
+#[test]
+fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
+    let test = "a_full_pool_is_refused_at_once_and_nothing_is_left_half_made";
+    let Some(setup) = setup(test, false) else {
+        return;
+    };
+    let (plugin, ioctx, cluster) = (&setup.plugin, &setup.ioctx, &setup.cluster);
+    let pool = cluster.env().pool.clone();
+    assert_eq!(status_of(plugin, "Pool Space"), "available");
 
     // An image layer with a file, and a container's layer on it.
     let (image, container) = (id(1), id(2));
@@ -144,18 +182,12 @@ fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
             .create_read_write(request(layer, &image))
             .expect("create rw");
     }
-    let before = images(&ioctx);
+    let before = images(ioctx);
 
     cluster.make_full(16 << 20).expect("fill the cluster");
-    let full = status_of(&plugin, "Pool Space");
+    let full = status_of(plugin, "Pool Space");
     assert!(full.starts_with("FULL: an OSD"), "{full}");
-    let said_full = |what: &str, err: &dyn std::fmt::Display| {
-        let msg = err.to_string();
-        assert!(
-            msg.contains(&format!("pool {:?} is full", ceph.pool)),
-            "{what}: {msg}"
-        );
-    };
+    let said_full = |what: &str, err: &dyn std::fmt::Display| said_full(&pool, what, err);
 
     // Each refused at once (the OSD operation timeout would say ETIMEDOUT
     // after 120 s instead), changing nothing.
@@ -175,7 +207,7 @@ fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
     assert!(!plugin.exists(&new).expect("exists"));
     assert!(!plugin.exists(&id(4)).expect("exists"));
     assert!(plugin.exists(&container).expect("exists"));
-    assert_eq!(images(&ioctx), before, "no image made");
+    assert_eq!(images(ioctx), before, "no image made");
 
     // A sealed layer is read-only: it still mounts, its files there.
     let root = plugin.get(&image, "").expect("a read-only Get");
@@ -191,7 +223,7 @@ fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
     let doomed_image = format!("docker-rbd.layer.{doomed}");
     assert!(before.contains(&doomed_image), "{before:?}");
     wait_until("the removed layer's image is gone", || {
-        !images(&ioctx).contains(&doomed_image)
+        !images(ioctx).contains(&doomed_image)
     });
 
     // Without the trash object (librbd makes it on a first removal, which
@@ -202,7 +234,7 @@ fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
     assert!(!plugin.exists(&later).expect("exists"));
     let later_image = format!("docker-rbd.layer.{later}");
     std::thread::sleep(std::time::Duration::from_secs(1));
-    assert!(images(&ioctx).contains(&later_image), "purged while full?");
+    assert!(images(ioctx).contains(&later_image), "purged while full?");
 
     // The host lease is renewed all the while (3 renewals at least).
     std::thread::sleep(std::time::Duration::from_secs(3));
@@ -215,10 +247,10 @@ fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
 
     // Near full is a warning only.
     cluster.make_nearfull().expect("near full");
-    let near = status_of(&plugin, "Pool Space");
+    let near = status_of(plugin, "Pool Space");
     assert!(near.starts_with("nearly full"), "{near}");
     wait_until("the purge tried again has removed the image", || {
-        !images(&ioctx).contains(&later_image)
+        !images(ioctx).contains(&later_image)
     });
     plugin
         .create(request(&new, &image))
@@ -231,11 +263,62 @@ fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
     plugin.put(&container).expect("put");
 
     cluster.clear_full().expect("room again");
-    assert_eq!(status_of(&plugin, "Pool Space"), "available");
+    assert_eq!(status_of(plugin, "Pool Space"), "available");
     for layer in [&new, &container, &image] {
         plugin.remove(layer).expect("remove");
     }
     plugin.cleanup().expect("cleanup");
+    let Setup { plugin, ioctx, .. } = setup;
+    let ioctx = &ioctx;
+    drop(plugin);
+    wait_until("every layer image is gone", || {
+        !images(ioctx).iter().any(|i| i.contains(".layer."))
+    });
+}
+
+/// A pool at its quota (`ceph osd pool set-quota`, enforced from the
+/// mgr's pool statistics): the same refusals, saying so.
+#[test]
+fn a_pool_at_its_quota_is_refused_at_once() {
+    let test = "a_pool_at_its_quota_is_refused_at_once";
+    let Some(setup) = setup(test, true) else {
+        return;
+    };
+    let (plugin, cluster) = (&setup.plugin, &setup.cluster);
+    let pool = cluster.env().pool.clone();
+    let (image, container) = (id(1), id(2));
+    plugin.create(request(&image, "")).expect("create");
+    plugin
+        .apply_diff(&image, "", &mut tar("before").as_slice())
+        .expect("apply");
+
+    cluster
+        .fill_to_quota(1 << 20, 2 << 20)
+        .expect("reach the quota");
+    assert_eq!(
+        status_of(plugin, "Pool Space"),
+        "FULL: it reached its quota (ceph osd pool set-quota)"
+    );
+    let err = plugin
+        .create_read_write(request(&container, &image))
+        .unwrap_err();
+    said_full(&pool, "a create at the quota", &err);
+    assert!(err.to_string().contains("quota"), "{err}");
+    assert!(!plugin.exists(&container).expect("exists"));
+    let err = plugin
+        .apply_diff(&image, "", &mut tar("during").as_slice())
+        .unwrap_err();
+    said_full(&pool, "an ApplyDiff at the quota", &err);
+
+    cluster.clear_quota().expect("lift the quota");
+    plugin
+        .create_read_write(request(&container, &image))
+        .expect("create once the quota is lifted");
+    for layer in [&container, &image] {
+        plugin.remove(layer).expect("remove");
+    }
+    plugin.cleanup().expect("cleanup");
+    let Setup { plugin, ioctx, .. } = setup;
     drop(plugin);
     wait_until("every layer image is gone", || {
         !images(&ioctx).iter().any(|i| i.contains(".layer."))

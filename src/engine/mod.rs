@@ -263,8 +263,6 @@ impl Engine {
     /// mapper (the default is found next to the running executable).
     pub fn open_with(settings: Settings, home: &Path, fuse_helper: HelperCommand) -> Result<Self> {
         std::fs::create_dir_all(home).map_err(io("create", home))?;
-        let mount_dir = settings.mount_dir(home);
-        std::fs::create_dir_all(&mount_dir).map_err(io("create", &mount_dir))?;
         let (rados, ioctx) = connect(&settings)?;
         keep_trash_object(&ioctx);
         let store = metadata::Store::new(ioctx.clone(), settings.naming.metadata_prefix());
@@ -286,6 +284,8 @@ impl Engine {
             client_addr,
             rados: &rados,
         })?;
+        let mount_dir = settings.mount_dir(home);
+        std::fs::create_dir_all(&mount_dir).map_err(io("create", &mount_dir))?;
         let engine = Self {
             settings,
             home: home.to_path_buf(),

@@ -109,7 +109,22 @@ impl PrivateCluster {
     /// Starts a cluster whose OSD holds `memstore_bytes`; `None` when test
     /// `test` must skip (no Ceph daemons installed, bare `cargo test`).
     pub fn start(test: &str, memstore_bytes: u64) -> Option<Self> {
-        for program in ["ceph-mon", "ceph-osd"] {
+        Self::start_with(test, memstore_bytes, false)
+    }
+
+    /// [`PrivateCluster::start`] with a mgr too: pool statistics, which
+    /// pool quotas are enforced from, come from it.
+    pub fn start_with_mgr(test: &str, memstore_bytes: u64) -> Option<Self> {
+        Self::start_with(test, memstore_bytes, true)
+    }
+
+    fn start_with(test: &str, memstore_bytes: u64, mgr: bool) -> Option<Self> {
+        let programs: &[&str] = if mgr {
+            &["ceph-mon", "ceph-osd", "ceph-mgr"]
+        } else {
+            &["ceph-mon", "ceph-osd"]
+        };
+        for program in programs {
             let found = std::env::var_os("PATH").is_some_and(|path| {
                 std::env::split_paths(&path).any(|d| d.join(program).is_file())
             });
@@ -123,6 +138,7 @@ impl PrivateCluster {
             .arg("start")
             .arg(dir.path())
             .env("CEPH_DEV_MEMSTORE_BYTES", memstore_bytes.to_string())
+            .env("CEPH_DEV_MGR", if mgr { "1" } else { "0" })
             .stdin(std::process::Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("{test}: running scripts/ceph-dev: {e}"));
@@ -169,17 +185,7 @@ impl PrivateCluster {
     /// namespace, then sets the full ratios just below what the OSD holds.
     /// Waits until the OSD map says so.
     pub fn make_full(&self, filler: usize) -> Result<(), String> {
-        let ioctx = self
-            .admin
-            .ioctx(&self.env.pool, Some("filler"))
-            .map_err(|e| e.to_string())?;
-        let chunk = vec![0x5a_u8; 4 << 20];
-        for (n, left) in (0..filler).step_by(chunk.len()).enumerate() {
-            let len = chunk.len().min(filler - left);
-            ioctx
-                .write_full(&format!("filler.{n}"), &chunk[..len])
-                .map_err(|e| e.to_string())?;
-        }
+        self.write_filler(filler)?;
         self.set_ratios(FullRatios {
             nearfull: 0.001,
             backfillfull: 0.002,
@@ -201,6 +207,47 @@ impl PrivateCluster {
     pub fn clear_full(&self) -> Result<(), String> {
         self.set_ratios(DEFAULT_RATIOS)?;
         self.wait_for_flags(|f| !f.full && !f.nearfull)
+    }
+
+    /// Sets the pool's byte quota to `max_bytes`, writes `filler` bytes to
+    /// its default namespace and waits until the monitors mark the pool
+    /// full for its quota (a cluster started with a mgr).
+    pub fn fill_to_quota(&self, max_bytes: u64, filler: usize) -> Result<(), String> {
+        self.set_quota(max_bytes)?;
+        self.write_filler(filler)?;
+        self.wait_for_flags(|f| f.full_quota)
+    }
+
+    /// Lifts the pool's quota; waits until it is not full.
+    pub fn clear_quota(&self) -> Result<(), String> {
+        self.set_quota(0)?;
+        self.wait_for_flags(|f| !f.full)
+    }
+
+    fn set_quota(&self, max_bytes: u64) -> Result<(), String> {
+        let command = format!(
+            r#"{{"prefix":"osd pool set-quota","pool":"{}","field":"max_bytes","val":"{max_bytes}"}}"#,
+            self.env.pool
+        );
+        self.admin
+            .mon_command(&command)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    fn write_filler(&self, filler: usize) -> Result<(), String> {
+        let ioctx = self
+            .admin
+            .ioctx(&self.env.pool, Some("filler"))
+            .map_err(|e| e.to_string())?;
+        let chunk = vec![0x5a_u8; 4 << 20];
+        for (n, left) in (0..filler).step_by(chunk.len()).enumerate() {
+            let len = chunk.len().min(filler - left);
+            ioctx
+                .write_full(&format!("filler.{n}"), &chunk[..len])
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// The pool's flags now, as client.admin reads them.
