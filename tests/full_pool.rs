@@ -185,8 +185,10 @@ fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
     let before = images(ioctx);
 
     cluster.make_full(16 << 20).expect("fill the cluster");
-    let full = status_of(plugin, "Pool Space");
-    assert!(full.starts_with("FULL: an OSD"), "{full}");
+    // Status reads the flags at most once a second.
+    wait_until("Status says full", || {
+        status_of(plugin, "Pool Space").starts_with("FULL: an OSD")
+    });
     let said_full = |what: &str, err: &dyn std::fmt::Display| said_full(&pool, what, err);
 
     // Each refused at once (the OSD operation timeout would say ETIMEDOUT
@@ -247,8 +249,9 @@ fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
 
     // Near full is a warning only.
     cluster.make_nearfull().expect("near full");
-    let near = status_of(plugin, "Pool Space");
-    assert!(near.starts_with("nearly full"), "{near}");
+    wait_until("Status says nearly full", || {
+        status_of(plugin, "Pool Space").starts_with("nearly full")
+    });
     wait_until("the purge tried again has removed the image", || {
         !images(ioctx).contains(&later_image)
     });
@@ -263,7 +266,9 @@ fn a_full_pool_is_refused_at_once_and_nothing_is_left_half_made() {
     plugin.put(&container).expect("put");
 
     cluster.clear_full().expect("room again");
-    assert_eq!(status_of(plugin, "Pool Space"), "available");
+    wait_until("Status says available", || {
+        status_of(plugin, "Pool Space") == "available"
+    });
     for layer in [&new, &container, &image] {
         plugin.remove(layer).expect("remove");
     }
@@ -295,10 +300,9 @@ fn a_pool_at_its_quota_is_refused_at_once() {
     cluster
         .fill_to_quota(1 << 20, 2 << 20)
         .expect("reach the quota");
-    assert_eq!(
-        status_of(plugin, "Pool Space"),
-        "FULL: it reached its quota (ceph osd pool set-quota)"
-    );
+    wait_until("Status says the quota is reached", || {
+        status_of(plugin, "Pool Space") == "FULL: it reached its quota (ceph osd pool set-quota)"
+    });
     let err = plugin
         .create_read_write(request(&container, &image))
         .unwrap_err();
@@ -311,6 +315,9 @@ fn a_pool_at_its_quota_is_refused_at_once() {
     said_full(&pool, "an ApplyDiff at the quota", &err);
 
     cluster.clear_quota().expect("lift the quota");
+    wait_until("Status says available", || {
+        status_of(plugin, "Pool Space") == "available"
+    });
     plugin
         .create_read_write(request(&container, &image))
         .expect("create once the quota is lifted");
