@@ -115,18 +115,23 @@ impl Engine {
         if matches!(e, EngineError::PoolFull { .. }) {
             return e;
         }
-        let refused = ceph_errors(&e).any(ceph_client::Error::is_pool_full);
-        if !refused && !ceph_errors(&e).any(|_| true) {
+        if ceph_errors(&e).next().is_none() {
             return e;
         }
+        // What Ceph said, if it said full: EDQUOT for a quota.
+        let refused = ceph_errors(&e).find_map(|c| match c.errno() {
+            Some(libc::EDQUOT) => Some(FullCause::Quota),
+            Some(libc::ENOSPC) => Some(FullCause::OsdFull),
+            _ => None,
+        });
         self.space
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        match self.pool_space() {
-            Ok(PoolSpace::Full(cause)) => self.pool_full(cause),
-            _ if refused => self.pool_full(FullCause::OsdFull),
+        match (self.pool_space(), refused) {
+            (Ok(PoolSpace::Full(cause)), _) => self.pool_full(cause),
+            (_, Some(cause)) => self.pool_full(cause),
             _ => e,
         }
     }
