@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use ceph_client::rbd;
-use ceph_client::{ConnectConfig, IoCtx, Rados};
+use ceph_client::{IoCtx, Rados};
 use metadata::{
     ContainerRecord, ContainerState, DockerImageRecord, DockerLayerRecord, DockerTagRecord,
     HostRecord, LayerKind, LayerRecord, LayerState, Store,
@@ -106,13 +106,7 @@ fn container(
 fn build() -> Option<TestFleet> {
     let env = testkit::ceph::require("cli")?;
     let namespace = unique_namespace("cli");
-    let rados = Rados::connect(&ConnectConfig {
-        conf: Some(env.conf.clone()),
-        id: Some(env.id.clone()),
-        keyring: Some(env.keyring.clone()),
-        ..ConnectConfig::default()
-    })
-    .expect("connect");
+    let rados = Rados::connect(&env.connect_config()).expect("connect");
     let pool = rados.ioctx(&env.pool, None).expect("pool");
     rbd::namespace_create(&pool, &namespace).expect("rbd namespace");
     let ioctx = Arc::new(rados.ioctx(&env.pool, Some(&namespace)).expect("ioctx"));

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ceph_client::rbd::{self, Image};
-use ceph_client::{ConnectConfig, IoCtx, Rados};
+use ceph_client::{IoCtx, Rados};
 use docker_rbd::crashpoint::{self, CrashPoint};
 use docker_rbd::mapper::fuse::loopdev;
 use docker_rbd::names::Naming;
@@ -73,26 +73,14 @@ impl Fixture {
         crash_at: Option<CrashPoint>,
     ) -> Option<Fixture> {
         let ceph = testkit::ceph::require(test)?;
-        for missing in [
-            testkit::require::root(),
-            testkit::require::path("/dev/fuse"),
-            testkit::require::path("/dev/loop-control"),
-        ] {
-            if !testkit::require::check(test, missing) {
-                return None;
-            }
+        if !testkit::require::layer_mounts(test) {
+            return None;
         }
         if !testkit::dockerd::require(test) {
             return None;
         }
         let namespace = testkit::ceph::unique_namespace(test);
-        let rados = Rados::connect(&ConnectConfig {
-            conf: Some(ceph.conf.clone()),
-            id: Some(ceph.id.clone()),
-            keyring: Some(ceph.keyring.clone()),
-            ..ConnectConfig::default()
-        })
-        .expect("connect to the test cluster");
+        let rados = Rados::connect(&ceph.connect_config()).expect("connect to the test cluster");
         let ioctx = Arc::new(
             rados
                 .ioctx(&ceph.pool, Some(&namespace))

@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::Arc;
 
 use ceph_client::rbd::{self, Image};
-use ceph_client::{ConnectConfig, IoCtx, Rados};
+use ceph_client::{IoCtx, Rados};
 use docker_rbd::config::{RawSettings, Settings, Source};
 use docker_rbd::engine::{CreateOptions, Engine, EngineError};
 use docker_rbd::mapper::fuse::HelperCommand;
@@ -33,14 +33,8 @@ struct Fixture {
 impl Fixture {
     fn new(test: &str, extra: &[(&str, &str)]) -> Option<Self> {
         let ceph = testkit::ceph::require(test)?;
-        for missing in [
-            testkit::require::root(),
-            testkit::require::path("/dev/fuse"),
-            testkit::require::path("/dev/loop-control"),
-        ] {
-            if !testkit::require::check(test, missing) {
-                return None;
-            }
+        if !testkit::require::layer_mounts(test) {
+            return None;
         }
         let namespace = testkit::ceph::unique_namespace(test);
         let mounts = tempfile::tempdir().expect("tempdir");
@@ -63,13 +57,7 @@ impl Fixture {
             over.set(k, v, Source::StorageOpt);
         }
         let settings = raw.overlay(over).resolve().expect("test settings");
-        let rados = Rados::connect(&ConnectConfig {
-            conf: Some(ceph.conf.clone()),
-            id: Some(ceph.id.clone()),
-            keyring: Some(ceph.keyring.clone()),
-            ..ConnectConfig::default()
-        })
-        .expect("connect");
+        let rados = Rados::connect(&ceph.connect_config()).expect("connect");
         let ioctx = Arc::new(rados.ioctx(&ceph.pool, Some(&namespace)).expect("ioctx"));
         Some(Self {
             settings,

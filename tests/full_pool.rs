@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 
-use ceph_client::{ConnectConfig, IoCtx, Rados, rbd};
+use ceph_client::{IoCtx, Rados, rbd};
 use docker_rbd::config::{RawSettings, Source};
 use docker_rbd::mapper::fuse::HelperCommand;
 use docker_rbd::plugin::RbdPlugin;
@@ -69,14 +69,8 @@ struct Setup {
 }
 
 fn setup(test: &'static str, with_mgr: bool) -> Option<Setup> {
-    for missing in [
-        testkit::require::root(),
-        testkit::require::path("/dev/fuse"),
-        testkit::require::path("/dev/loop-control"),
-    ] {
-        if !testkit::require::check(test, missing) {
-            return None;
-        }
+    if !testkit::require::layer_mounts(test) {
+        return None;
     }
     let cluster = if with_mgr {
         PrivateCluster::start_with_mgr(test, 1 << 30)?
@@ -112,13 +106,7 @@ fn setup(test: &'static str, with_mgr: bool) -> Option<Setup> {
             ..InitRequest::default()
         })
         .expect("init");
-    let rados = Rados::connect(&ConnectConfig {
-        conf: Some(ceph.conf.clone()),
-        id: Some(ceph.id.clone()),
-        keyring: Some(ceph.keyring.clone()),
-        ..ConnectConfig::default()
-    })
-    .expect("connect");
+    let rados = Rados::connect(&ceph.connect_config()).expect("connect");
     let ioctx = rados
         .ioctx_full_try(&ceph.pool, Some(namespace))
         .expect("ioctx");

@@ -519,13 +519,7 @@ struct RbdImage {
 impl RbdImage {
     fn create(test: &str, size: u64) -> Option<Self> {
         let env = testkit::ceph::require(test)?;
-        let rados = ceph_client::Rados::connect(&ceph_client::ConnectConfig {
-            conf: Some(env.conf.clone()),
-            id: Some(env.id.clone()),
-            keyring: Some(env.keyring.clone()),
-            ..Default::default()
-        })
-        .expect("connect");
+        let rados = ceph_client::Rados::connect(&env.connect_config()).expect("connect");
         let namespace = testkit::ceph::unique_namespace(test);
         let pool_ioctx = rados.ioctx(&env.pool, None).expect("pool ioctx");
         ceph_client::rbd::namespace_create(&pool_ioctx, &namespace).expect("namespace");

@@ -2,8 +2,8 @@
 //! its flags, and an I/O context that fails at once instead of waiting for
 //! space while object removals still go through.
 
+use ceph_client::Rados;
 use ceph_client::rbd::{self, ImageOptions};
-use ceph_client::{ConnectConfig, Rados};
 use testkit::ceph::PrivateCluster;
 
 const MIB: u64 = 1 << 20;
@@ -15,13 +15,7 @@ fn a_full_pool_refuses_writes_at_once_and_still_takes_removals() {
         return;
     };
     let env = cluster.env();
-    let rados = Rados::connect(&ConnectConfig {
-        conf: Some(env.conf.clone()),
-        id: Some(env.id.clone()),
-        keyring: Some(env.keyring.clone()),
-        ..ConnectConfig::default()
-    })
-    .expect("connect");
+    let rados = Rados::connect(&env.connect_config()).expect("connect");
     // The client's own monitor caps (profile rbd) can read the flags.
     assert_eq!(
         rados.pool_flags(&env.pool).expect("flags"),

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use ceph_client::{ConnectConfig, IoCtx, Rados, WriteOp};
+use ceph_client::{IoCtx, Rados, WriteOp};
 use metadata::{Error, HostRecord, Store};
 
 struct Fixture {
@@ -17,13 +17,7 @@ struct Fixture {
 impl Fixture {
     fn new(test: &str) -> Option<Fixture> {
         let ceph = testkit::ceph::require(test)?;
-        let rados = Rados::connect(&ConnectConfig {
-            conf: Some(ceph.conf.clone()),
-            id: Some(ceph.id.clone()),
-            keyring: Some(ceph.keyring.clone()),
-            ..ConnectConfig::default()
-        })
-        .expect("connect");
+        let rados = Rados::connect(&ceph.connect_config()).expect("connect");
         let ns = testkit::ceph::unique_namespace(test);
         let ioctx = Arc::new(rados.ioctx(&ceph.pool, Some(&ns)).expect("ioctx"));
         Some(Fixture {

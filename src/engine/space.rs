@@ -78,14 +78,18 @@ impl From<ceph_client::PoolFlags> for PoolSpace {
 #[derive(Default)]
 pub(crate) struct SpaceCache(Mutex<Option<(Instant, PoolSpace)>>);
 
+impl SpaceCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, PoolSpace)>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl Engine {
     /// The pool's room as the OSD map says now (read at most once a second).
     pub fn pool_space(&self) -> Result<PoolSpace> {
-        let mut last = self
-            .space
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self.space.lock();
         if let Some((at, space)) = *last
             && at.elapsed() < FLAGS_TTL
         {
@@ -124,11 +128,7 @@ impl Engine {
             Some(libc::ENOSPC) => Some(FullCause::OsdFull),
             _ => None,
         });
-        self.space
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        self.space.lock().take();
         match (self.pool_space(), refused) {
             (Ok(PoolSpace::Full(cause)), _) => self.pool_full(cause),
             (_, Some(cause)) => self.pool_full(cause),

@@ -29,6 +29,18 @@ pub struct CephEnv {
     pub pool: String,
 }
 
+impl CephEnv {
+    /// How to connect to this cluster as its test client.
+    pub fn connect_config(&self) -> ceph_client::ConnectConfig {
+        ceph_client::ConnectConfig {
+            conf: Some(self.conf.clone()),
+            id: Some(self.id.clone()),
+            keyring: Some(self.keyring.clone()),
+            ..ceph_client::ConnectConfig::default()
+        }
+    }
+}
+
 /// Reads the cluster coordinates from the environment, or says what is
 /// missing.
 pub fn env() -> Result<CephEnv, String> {

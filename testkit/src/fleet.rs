@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ceph_client::{ConnectConfig, IoCtx, Rados};
+use ceph_client::{IoCtx, Rados};
 
 use crate::ceph::CephEnv;
 use crate::daemon::Daemon;
@@ -49,26 +49,14 @@ impl Fleet {
     /// prerequisite is missing outside strict mode (see [`crate::require`]).
     pub fn start(test: &str, plugin_bin: &Path, flags: &[&str]) -> Option<Fleet> {
         let ceph = crate::ceph::require(test)?;
-        for missing in [
-            crate::require::root(),
-            crate::require::path("/dev/fuse"),
-            crate::require::path("/dev/loop-control"),
-        ] {
-            if !crate::require::check(test, missing) {
-                return None;
-            }
+        if !crate::require::layer_mounts(test) {
+            return None;
         }
         if !crate::dockerd::require(test) {
             return None;
         }
         let namespace = crate::ceph::unique_namespace(test);
-        let rados = Rados::connect(&ConnectConfig {
-            conf: Some(ceph.conf.clone()),
-            id: Some(ceph.id.clone()),
-            keyring: Some(ceph.keyring.clone()),
-            ..ConnectConfig::default()
-        })
-        .expect("connect to the test cluster");
+        let rados = Rados::connect(&ceph.connect_config()).expect("connect to the test cluster");
         let ioctx = Arc::new(
             rados
                 .ioctx(&ceph.pool, Some(&namespace))

@@ -30,3 +30,11 @@ pub fn root() -> Option<String> {
 pub fn path(path: &str) -> Option<String> {
     (!std::path::Path::new(path).exists()).then(|| format!("{path} is missing"))
 }
+
+/// Whether test `test` may mount layers with the fuse mapper (root,
+/// `/dev/fuse`, loop devices), as [`check`] decides for each.
+pub fn layer_mounts(test: &str) -> bool {
+    [root(), path("/dev/fuse"), path("/dev/loop-control")]
+        .into_iter()
+        .all(|missing| check(test, missing))
+}
