@@ -178,7 +178,13 @@ impl Fixture {
 
     fn plugin_log_tail(&self, lines: usize) -> String {
         match &self.plugin {
-            Some(p) => format!("--- plugin log ---\n{}", tail(&p.log(), lines)),
+            Some(p) if p.is_running() => {
+                format!("--- plugin log ---\n{}", tail(&p.log(), lines))
+            }
+            Some(p) => format!(
+                "--- the plugin has EXITED; its log ---\n{}",
+                tail(&p.log(), lines)
+            ),
             None => "--- plugin not running ---".to_string(),
         }
     }
@@ -199,10 +205,15 @@ impl Fixture {
         let out = self.d().docker(&args);
         if !out.status.success() {
             panic!(
-                "{}: docker {:?} failed: {}\nstdout: {}\nstderr: {}\n--- dockerd log ---\n{}\n{}",
+                "{}: docker {:?} failed: {} (plugin {})\nstdout: {}\nstderr: {}\n--- dockerd log ---\n{}\n{}",
                 self.test,
                 args,
                 out.status,
+                match &self.plugin {
+                    Some(p) if p.is_running() => "running",
+                    Some(_) => "EXITED",
+                    None => "stopped by the test",
+                },
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr),
                 self.d().log_tail(40),

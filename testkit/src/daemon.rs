@@ -103,6 +103,13 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id() as i32)
     }
 
+    /// Whether its process still runs (false once it exited, even before
+    /// it is reaped). For failure messages: a test that saw a request fail
+    /// can say whether the daemon had died.
+    pub fn is_running(&self) -> bool {
+        self.pid().is_some_and(process::is_live)
+    }
+
     /// The socket it was waited on.
     pub fn socket(&self) -> &Path {
         &self.socket
