@@ -27,7 +27,7 @@ use metadata::{LayerKind, LayerRecord, LayerState};
 use testkit::ceph::CephEnv;
 use testkit::daemon::Daemon;
 use testkit::dockerd::{Dockerd, DockerdConfig};
-use testkit::driver::fuse_servers_under;
+use testkit::driver::serving_fuse_servers_under;
 use testkit::images::{self, Layer};
 
 const PLUGIN_BIN: &str = env!("CARGO_BIN_EXE_docker-rbd");
@@ -415,7 +415,8 @@ impl Fixture {
         );
         let loops = loopdev::backed_under(&home);
         assert!(loops.is_empty(), "loop devices left: {loops:?}");
-        let servers = fuse_servers_under(&home);
+        // The plugin runs: its standby server may wait for an image.
+        let servers = serving_fuse_servers_under(&home);
         assert!(servers.is_empty(), "FUSE servers left: {servers:?}");
     }
 }
@@ -1407,8 +1408,8 @@ fn containers_persist_and_survive_a_plugin_crash() {
     );
     // The container's layer has one FUSE server (the image's layer may
     // have another, idle since the container was made).
-    let servers_of_layer =
-        || testkit::process::live_pids_with_cmdline(&format!("%2F{image_name}/mnt"));
+    let run_dir = fx.driver_home().join("fuse");
+    let servers_of_layer = || testkit::driver::fuse_servers_of_image(&run_dir, &image_name);
     let servers_before = servers_of_layer();
     assert_eq!(servers_before.len(), 1, "FUSE servers: {servers_before:?}");
     fx.phase("exec, cp and inspect on a running container");

@@ -1187,7 +1187,8 @@ fn a_dead_fuse_server_is_noticed_and_its_layer_mapped_again() {
     // have another, idle since the container was made).
     let spec = a.ok(["inspect", "-f", "{{.GraphDriver.Data.Image}}", "worker"]);
     let image = spec.trim().rsplit('/').next().unwrap().to_string();
-    let servers = testkit::process::live_pids_with_cmdline(&format!("%2F{image}/mnt"));
+    let run_dir = a.host().path(a.driver_home().join("fuse"));
+    let servers = testkit::driver::fuse_servers_of_image(&run_dir, &image);
     assert_eq!(servers.len(), 1, "one mapping of {image}: {servers:?}");
     testkit::process::signal(servers[0], nix::sys::signal::Signal::SIGKILL).unwrap();
     let stop = a.dockerd().docker(["stop", "-t", "1", "worker"]);

@@ -753,7 +753,154 @@ fn mapping_a_missing_rbd_image_fails_with_enoent() {
         other => panic!("map of a missing image: {other:?}"),
     }
     let run = fx.mapper().config().run_dir.clone();
-    assert_eq!(std::fs::read_dir(&run).expect("run dir").count(), 0);
+    assert_eq!(entries_but_standby_logs(&run), Vec::<String>::new());
+}
+
+/// The names in `run` but the standby's log.
+fn entries_but_standby_logs(run: &Path) -> Vec<String> {
+    std::fs::read_dir(run)
+        .expect("run dir")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("+standby."))
+        .collect()
+}
+
+/// The mapper's standby server processes (waiting or since assigned).
+fn standbys(run: &Path) -> Vec<i32> {
+    testkit::process::live_pids_with_cmdline(&format!("--standby-in {}", run.display()))
+}
+
+fn process_name(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// The one standby waiting for an image (it is started right after a map).
+fn waiting_standby(run: &Path) -> i32 {
+    let waiting: Vec<i32> = standbys(run)
+        .into_iter()
+        .filter(|&pid| process_name(pid) == docker_rbd::mapper::fuse::serve::STANDBY_NAME)
+        .collect();
+    assert_eq!(waiting.len(), 1, "waiting standbys: {waiting:?}");
+    waiting[0]
+}
+
+#[test]
+fn a_standby_server_serves_the_next_image_and_goes_with_its_mapper() {
+    let test = "a_standby_server_serves_the_next_image_and_goes_with_its_mapper";
+    if !prerequisites(test) {
+        return;
+    }
+    let Some(img) = RbdImage::create(test, 32 << 20) else {
+        return;
+    };
+    {
+        let direct = img.open();
+        direct.write_all_at(0, b"sealed data").expect("write");
+        direct.flush().expect("flush");
+        direct.snap_create("s").expect("snapshot");
+    }
+    let mut fx = Fixture::new(img.connection());
+    let run = fx.mapper().config().run_dir.clone();
+    assert!(standbys(&run).is_empty(), "a standby before any map");
+
+    // The first map starts a server of its own, then a standby.
+    let head = fx.mapper().map(&img.request()).expect("map head");
+    let standby = waiting_standby(&run);
+    assert_ne!(fuse_handle(&head).server_pid, standby);
+
+    // The next image goes to the standby, which takes its own name back;
+    // a new standby replaces it.
+    let mut req = img.request();
+    req.snap = Some("s".into());
+    let snap = fx.mapper().map(&req).expect("map the snapshot");
+    let h = fuse_handle(&snap).clone();
+    assert_eq!(
+        h.server_pid, standby,
+        "the snapshot was not served by the standby"
+    );
+    assert!(h.server_start.is_some());
+    assert_eq!(process_name(standby), "docker-rbd-fuse");
+    let mut buf = [0u8; 11];
+    std::fs::File::open(&snap.device)
+        .and_then(|f| f.read_exact_at(&mut buf, 0))
+        .expect("read through the standby");
+    assert_eq!(&buf, b"sealed data");
+    let log = std::fs::read_to_string(h.state_dir.join("server.log")).expect("server.log");
+    assert!(log.contains("waiting for an image"), "{log}");
+    let next = waiting_standby(&run);
+    assert_ne!(next, standby);
+
+    // A restarted daemon recognises a standby-served mapping by its pid and
+    // start time (its command line names no mountpoint); the old mapper's
+    // standby exits with it, its log removed.
+    let config = fx.mapper().config().clone();
+    fx.mapper = Some(FuseMapper::new(config).expect("new mapper"));
+    assert!(
+        testkit::process::wait_dead(next, Duration::from_secs(10)),
+        "the dropped mapper's standby runs on"
+    );
+    let listed = fx.mapper().list().expect("list");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    fx.mapper()
+        .adopt(&snap)
+        .expect("adopt the standby-served mapping");
+    assert_eq!(entries_but_standby_logs(&run).len(), 2);
+    assert!(
+        !std::fs::read_dir(&run).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("+standby.")),
+        "a standby log was left"
+    );
+
+    // A dead standby costs nothing but its speed: the map starts a server.
+    fx.mapper().unmap(&head).expect("unmap head");
+    let head = fx.mapper().map(&img.request()).expect("map head again");
+    let standby = waiting_standby(&run);
+    testkit::process::signal(standby, nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(testkit::process::wait_dead(
+        standby,
+        Duration::from_secs(10)
+    ));
+    fx.mapper().unmap(&head).expect("unmap head");
+    let head = fx
+        .mapper()
+        .map(&img.request())
+        .expect("map with a dead standby");
+    assert_ne!(fuse_handle(&head).server_pid, standby);
+    std::fs::File::open(&head.device)
+        .and_then(|f| f.read_exact_at(&mut buf, 0))
+        .expect("read head");
+    assert_eq!(&buf, b"sealed data");
+
+    // A standby that cannot open its image reports why, as a fresh server
+    // would, and leaves nothing.
+    waiting_standby(&run);
+    let mut missing = img.request();
+    missing.image = "no-such-image".into();
+    match fx.mapper().map(&missing) {
+        Err(e @ Error::HelperStart { .. }) => assert_eq!(e.errno(), Some(libc::ENOENT), "{e}"),
+        other => panic!("map of a missing image: {other:?}"),
+    }
+    assert_eq!(entries_but_standby_logs(&run).len(), 2);
+
+    fx.mapper().unmap(&head).expect("unmap head");
+    fx.mapper().unmap(&snap).expect("unmap the snapshot");
+    let last = waiting_standby(&run);
+    fx.mapper = None;
+    assert!(
+        testkit::process::wait_dead(last, Duration::from_secs(10)),
+        "the standby outlived its mapper"
+    );
+    assert_eq!(
+        std::fs::read_dir(&run).unwrap().count(),
+        0,
+        "left in the run directory"
+    );
 }
 
 #[test]

@@ -20,6 +20,30 @@ pub(crate) fn process_matches(pid: i32, needle: &str) -> bool {
     }
 }
 
+/// When `pid` started (clock ticks after boot, field 22 of
+/// `/proc/<pid>/stat`); with the pid it names one process for good. `None`
+/// when it is gone or a zombie.
+pub(crate) fn start_time(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace();
+    // Field 3, the state, then 22, the start time.
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// Whether `pid` is still the live process that started at `start`
+/// ([`start_time`]).
+pub(crate) fn process_is(pid: i32, start: u64) -> bool {
+    start_time(pid) == Some(start)
+}
+
 /// Waits until process `pid` has exited, up to `timeout`. Returns whether
 /// it exited. Works for processes that are not our children (pidfd).
 pub(crate) fn wait_exit(pid: i32, timeout: Duration) -> bool {
@@ -177,6 +201,10 @@ mod tests {
         let me = std::process::id() as i32;
         assert!(process_matches(me, ""));
         assert!(!process_matches(me, "certainly-not-in-my-cmdline-\u{1}"));
+        let start = start_time(me).expect("my own start time");
+        assert!(process_is(me, start));
+        assert!(!process_is(me, start + 1));
+        assert_eq!(start_time(0), None);
         assert!(!process_matches(0, ""));
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id() as i32;

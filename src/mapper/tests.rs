@@ -94,6 +94,7 @@ fn mapped_devices_persist_as_json() {
                 mountpoint: "/run/x/mnt".into(),
                 state_dir: "/run/x".into(),
                 server_pid: 99,
+                server_start: None,
             }),
         },
     ];

@@ -17,10 +17,57 @@ use ceph_client::rbd::{self, Image};
 use crate::host::Host;
 use crate::process;
 
-/// Pids of the FUSE servers serving images under `home`.
+/// Pids of the FUSE server processes of the driver whose Home is `home`
+/// (as its processes see it): those started for an image (`--mountpoint`
+/// under the Home) and standbys (`--standby-in` under it), waiting or
+/// since assigned an image.
 pub fn fuse_servers_under(home: &Path) -> Vec<i32> {
-    let needle = format!("--mountpoint {}/", home.display());
-    process::live_pids_with_cmdline(&needle)
+    let mut pids: Vec<i32> = ["--mountpoint", "--standby-in"]
+        .iter()
+        .flat_map(|flag| process::live_pids_with_cmdline(&format!("{flag} {}/", home.display())))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// What `docker-rbd-fuse` calls itself while it stands by for an image
+/// (docker-rbd's `mapper::fuse::serve::STANDBY_NAME`).
+pub const FUSE_STANDBY_NAME: &str = "docker-rbd-idle";
+
+/// [`fuse_servers_under`] but standbys still waiting for an image: the
+/// servers that serve something.
+pub fn serving_fuse_servers_under(home: &Path) -> Vec<i32> {
+    fuse_servers_under(home)
+        .into_iter()
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim() != FUSE_STANDBY_NAME)
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Pids of the live FUSE servers mapping the RBD image `image` (its name,
+/// in any pool or namespace) for the fuse mapper whose run directory is
+/// `run_dir` (a path the test can read: `<Home>/fuse`), from the
+/// mappings' `state.json`.
+pub fn fuse_servers_of_image(run_dir: &Path, image: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return Vec::new();
+    };
+    let suffix = format!("%2F{image}");
+    let mut pids: Vec<i32> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(&suffix)))
+        .filter_map(|e| std::fs::read(e.path().join("state.json")).ok())
+        .filter_map(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+        .filter_map(|state| state.get("server_pid")?.as_i64())
+        .filter_map(|pid| i32::try_from(pid).ok())
+        .filter(|&pid| process::is_live(pid))
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 /// Attached loop devices whose backing file lies under `dir`.

@@ -36,6 +36,18 @@
 //! to `mnt/image` (`LOOP_CONFIGURE`, read-only for read-only requests,
 //! direct I/O when configured, no autoclear), record it.
 //!
+//! Starting a server is mostly the process start and its cluster connect
+//! (about 40 of its 50 ms), so the mapper keeps one *standby* server
+//! connected ahead of need ([`FuseConfig::standby`]) and hands it the next
+//! image ([`serve::Assignment`]): a map then costs the image's open, the
+//! FUSE mount and the loop device. A new standby is started after each map
+//! that took one, off the request's path; one that died or cannot take the
+//! assignment is replaced by a fresh server, so a standby never makes a
+//! map fail that would have worked without it. Its log is
+//! `+standby.<daemon pid>.<n>.log` in the run directory until it is
+//! assigned (then it moves into the mapping's directory); it exits when the
+//! mapper is dropped or its daemon dies.
+//!
 //! unmap: detach the loop device (refused with [`Error::Busy`] while it is
 //! mounted), unmount the FUSE file system (retried while the kernel drops
 //! its last reference to the image file), wait for the server to exit (it
@@ -154,6 +166,9 @@ pub struct FuseConfig {
     pub start_timeout: Duration,
     /// Bound on each unmap step (loop detach, FUSE unmount, server exit).
     pub stop_timeout: Duration,
+    /// Keep one server connected to the cluster ahead of need, for the
+    /// next RBD image mapped (module docs, "Map and unmap").
+    pub standby: bool,
 }
 
 impl FuseConfig {
@@ -170,6 +185,7 @@ impl FuseConfig {
             loop_direct_io: true,
             start_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(30),
+            standby: true,
         }
     }
 }
@@ -185,9 +201,22 @@ pub struct FuseHandle {
     pub state_dir: PathBuf,
     /// The FUSE server process.
     pub server_pid: i32,
+    /// When the server started ([`sys::start_time`]): with the pid, names
+    /// the process for good. Absent in mappings made before it was kept;
+    /// those are recognised by the mountpoint in the server's command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_start: Option<u64>,
 }
 
 impl FuseHandle {
+    /// Whether the mapping's server still runs.
+    pub fn server_alive(&self) -> bool {
+        match self.server_start {
+            Some(start) => sys::process_is(self.server_pid, start),
+            None => sys::process_matches(self.server_pid, &self.mountpoint.display().to_string()),
+        }
+    }
+
     /// The image file the loop device is attached to.
     pub fn image_file(&self) -> PathBuf {
         self.mountpoint.join(fs::IMAGE_FILE)
@@ -201,10 +230,15 @@ struct StateFile {
     spec: ImageSpec,
     read_only: bool,
     server_pid: i32,
+    #[serde(default)]
+    server_start: Option<u64>,
     loop_number: Option<u32>,
 }
 
 const STATE_FILE: &str = "state.json";
+/// Standby logs are `+standby.<daemon pid>.<n>.log` in the run directory:
+/// `+` is escaped in every mapping's directory name ([`dir_name`]).
+const STANDBY_PREFIX: &str = "+standby.";
 const LOG_FILE: &str = "server.log";
 const MOUNT_DIR: &str = "mnt";
 
@@ -222,6 +256,34 @@ pub struct FuseMapper {
     /// Serialises map and unmap of one image within this process; different
     /// images map in parallel.
     locks: KeyLocks,
+    /// The server started ahead of need, if any.
+    standby: Mutex<Option<Standby>>,
+    /// Numbers standby logs.
+    standby_seq: std::sync::atomic::AtomicU64,
+}
+
+/// A server connected to the cluster and waiting for its image.
+#[derive(Debug)]
+struct Standby {
+    pid: i32,
+    start: Option<u64>,
+    /// Where its assignment is written; closing it tells it to exit.
+    assign: File,
+    /// Its readiness line, once assigned.
+    ready: File,
+    /// Its log until it is assigned.
+    log: PathBuf,
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        // `assign` closes with us: the server sees the end of it and exits.
+        if let Err(e) = std::fs::remove_file(&self.log)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::debug!(error = %e, log = %self.log.display(), "cannot remove a standby log");
+        }
+    }
 }
 
 impl FuseMapper {
@@ -229,9 +291,12 @@ impl FuseMapper {
     pub fn new(config: FuseConfig) -> Result<Self> {
         std::fs::create_dir_all(&config.run_dir)
             .map_err(|e| Error::io("create", &config.run_dir, e))?;
+        remove_dead_standby_logs(&config.run_dir);
         Ok(Self {
             config,
             locks: KeyLocks::default(),
+            standby: Mutex::new(None),
+            standby_seq: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -296,8 +361,12 @@ impl FuseMapper {
         let mountpoint = dir.join(MOUNT_DIR);
         std::fs::create_dir_all(&mountpoint).map_err(|e| Error::io("create", &mountpoint, e))?;
 
-        let server_pid = match self.start_server(&dir, &spec, read_only, &source) {
-            Ok(pid) => pid,
+        let started = self.start_server(&dir, &spec, read_only, &source);
+        if matches!(source, Source::Rbd { .. }) {
+            self.replenish_standby();
+        }
+        let (server_pid, server_start) = match started {
+            Ok(server) => server,
             Err(e) => {
                 if let Err(cleanup) = self.teardown_dir(&dir, &spec) {
                     tracing::warn!(error = %cleanup, "cleanup after a failed start failed");
@@ -309,6 +378,7 @@ impl FuseMapper {
             spec: spec.clone(),
             read_only,
             server_pid,
+            server_start,
             loop_number: None,
         };
         let attached = write_state(&dir, &state).and_then(|()| {
@@ -345,17 +415,6 @@ impl FuseMapper {
             args.push(v);
         };
         push("--mountpoint", mountpoint.into());
-        push("--threads", self.config.threads.to_string().into());
-        push("--max-write", self.config.max_write.to_string().into());
-        push(
-            "--connect-timeout",
-            // Leave the server time to report a Ceph timeout before our
-            // own readiness wait gives up on it.
-            (self.config.start_timeout.as_secs() * 3 / 4)
-                .max(1)
-                .to_string()
-                .into(),
-        );
         match source {
             Source::File(path) => push("--file", path.into()),
             Source::Rbd { .. } => {
@@ -367,19 +426,6 @@ impl FuseMapper {
                 if let Some(snap) = &spec.snap {
                     push("--snap", snap.into());
                 }
-                let c = &self.config.ceph;
-                if let Some(v) = &c.conf {
-                    push("--conf", v.into());
-                }
-                if let Some(v) = &c.id {
-                    push("--id", v.into());
-                }
-                if let Some(v) = &c.keyring {
-                    push("--keyring", v.into());
-                }
-                if let Some(v) = &c.cluster {
-                    push("--cluster", v.into());
-                }
             }
         }
         if read_only {
@@ -388,37 +434,78 @@ impl FuseMapper {
         if matches!(source, Source::Rbd { exclusive: true }) {
             args.push("--exclusive".into());
         }
-        if self.config.fuse_direct_io {
-            args.push("--direct-io".into());
-        }
+        self.push_common_args(&mut args, matches!(source, Source::Rbd { .. }));
         args
     }
 
-    /// Starts the server and waits for its readiness line; returns its pid.
-    fn start_server(
+    /// A standby's arguments, before `--ready-fd`.
+    fn standby_args(&self, assign_fd: i32) -> Vec<OsString> {
+        let mut args: Vec<OsString> = self.config.helper.args.clone();
+        args.extend([
+            "--standby-fd".into(),
+            assign_fd.to_string().into(),
+            "--standby-in".into(),
+            self.config.run_dir.clone().into(),
+        ]);
+        self.push_common_args(&mut args, true);
+        args
+    }
+
+    /// What every server gets: its tuning and, for RBD, the cluster.
+    fn push_common_args(&self, args: &mut Vec<OsString>, rbd: bool) {
+        let mut push = |k: &str, v: OsString| {
+            args.push(k.into());
+            args.push(v);
+        };
+        push("--threads", self.config.threads.to_string().into());
+        push("--max-write", self.config.max_write.to_string().into());
+        push(
+            "--connect-timeout",
+            // Leave the server time to report a Ceph timeout before our
+            // own readiness wait gives up on it.
+            (self.config.start_timeout.as_secs() * 3 / 4)
+                .max(1)
+                .to_string()
+                .into(),
+        );
+        if rbd {
+            let c = &self.config.ceph;
+            if let Some(v) = &c.conf {
+                push("--conf", v.into());
+            }
+            if let Some(v) = &c.id {
+                push("--id", v.into());
+            }
+            if let Some(v) = &c.keyring {
+                push("--keyring", v.into());
+            }
+            if let Some(v) = &c.cluster {
+                push("--cluster", v.into());
+            }
+        }
+        if self.config.fuse_direct_io {
+            args.push("--direct-io".into());
+        }
+    }
+
+    /// Spawns the server program with `args`, its output appended to
+    /// `log_path`, in a session of its own, with descriptors `keep` (else
+    /// close-on-exec) left open for it; a thread reaps it. Its pid and
+    /// start time.
+    fn spawn(
         &self,
-        dir: &Path,
-        spec: &ImageSpec,
-        read_only: bool,
-        source: &Source,
-    ) -> Result<i32> {
-        let mountpoint = dir.join(MOUNT_DIR);
-        let log_path = dir.join(LOG_FILE);
+        args: Vec<OsString>,
+        log_path: &Path,
+        keep: [i32; 2],
+    ) -> Result<(i32, Option<u64>)> {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log_path)
-            .map_err(|e| Error::io("open", &log_path, e))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| Error::io("dup", &log_path, e))?;
-        let (ready_rd, ready_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| Error::io("pipe", dir, e.into()))?;
-        let wr_fd = ready_wr.as_raw_fd();
+            .open(log_path)
+            .map_err(|e| Error::io("open", log_path, e))?;
+        let log_err = log.try_clone().map_err(|e| Error::io("dup", log_path, e))?;
         let mut cmd = Command::new(&self.config.helper.program);
-        cmd.args(self.server_args(&mountpoint, spec, read_only, source))
-            .arg("--ready-fd")
-            .arg(wr_fd.to_string())
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
@@ -429,20 +516,21 @@ impl FuseMapper {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // Let the readiness pipe survive exec in this child only.
-                if libc::fcntl(wr_fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                // Let our pipe ends survive exec in this child only.
+                for fd in keep.into_iter().filter(|&fd| fd >= 0) {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
         }
-        let started = Instant::now();
         let mut child = cmd.spawn().map_err(|source| Error::Spawn {
             command: format!("{} (FUSE server)", self.config.helper.program.display()),
             source,
         })?;
-        drop(ready_wr);
         let pid = child.id() as i32;
+        let start = sys::start_time(pid);
         tracing::debug!(pid, "FUSE server started");
         // Reap the server when it exits while we run; if we die first, init does.
         let reaper = std::thread::Builder::new()
@@ -453,7 +541,138 @@ impl FuseMapper {
         if let Err(e) = reaper {
             tracing::warn!(error = %e, pid, "cannot start a reaper thread; the server will stay a zombie after exit");
         }
-        let line = read_line_with_timeout(File::from(ready_rd), self.config.start_timeout);
+        Ok((pid, start))
+    }
+
+    /// Starts a standby unless one is there (or standbys are off); a
+    /// failure is logged: the next map starts its own server.
+    fn replenish_standby(&self) {
+        if !self.config.standby {
+            return;
+        }
+        let mut slot = self.standby.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return;
+        }
+        match self.spawn_standby() {
+            Ok(standby) => {
+                tracing::debug!(pid = standby.pid, "standby FUSE server started");
+                *slot = Some(standby);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot start a standby FUSE server"),
+        }
+    }
+
+    fn spawn_standby(&self) -> Result<Standby> {
+        let n = self
+            .standby_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self
+            .config
+            .run_dir
+            .join(format!("{STANDBY_PREFIX}{}.{n}.log", std::process::id()));
+        let pipe = || {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| Error::io("pipe", &self.config.run_dir, e.into()))
+        };
+        let (assign_rd, assign_wr) = pipe()?;
+        let (ready_rd, ready_wr) = pipe()?;
+        let mut args = self.standby_args(assign_rd.as_raw_fd());
+        args.push("--ready-fd".into());
+        args.push(ready_wr.as_raw_fd().to_string().into());
+        let (pid, start) = self.spawn(args, &log, [assign_rd.as_raw_fd(), ready_wr.as_raw_fd()])?;
+        Ok(Standby {
+            pid,
+            start,
+            assign: File::from(assign_wr),
+            ready: File::from(ready_rd),
+            log,
+        })
+    }
+
+    /// Hands the standby, if there is a live one, the image; its pid, start
+    /// time and readiness pipe. `None`: start a server of its own.
+    fn assign_standby(
+        &self,
+        dir: &Path,
+        spec: &ImageSpec,
+        read_only: bool,
+        source: &Source,
+    ) -> Option<(i32, Option<u64>, File)> {
+        use std::io::Write;
+        let Source::Rbd { exclusive } = source else {
+            return None;
+        };
+        let mut standby = self
+            .standby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        let alive = standby
+            .start
+            .is_some_and(|s| sys::process_is(standby.pid, s));
+        if !alive {
+            tracing::warn!(pid = standby.pid, log = %tail(&standby.log, 500), "the standby FUSE server is gone; starting one for this image");
+            return None;
+        }
+        let assignment = serve::Assignment {
+            mountpoint: dir.join(MOUNT_DIR),
+            pool: spec.pool.clone(),
+            namespace: spec.namespace.clone(),
+            image: spec.image.clone(),
+            snap: spec.snap.clone(),
+            read_only,
+            exclusive: *exclusive,
+        };
+        let log = dir.join(LOG_FILE);
+        let handed = serde_json::to_string(&assignment)
+            .map_err(std::io::Error::other)
+            .and_then(|mut line| {
+                std::fs::rename(&standby.log, &log)?;
+                standby.log = log;
+                line.push('\n');
+                standby.assign.write_all(line.as_bytes())
+            });
+        if let Err(e) = handed {
+            tracing::warn!(pid = standby.pid, error = %e, "cannot hand the image to the standby FUSE server; starting one for it");
+            return None;
+        }
+        let ready = standby
+            .ready
+            .try_clone()
+            .map_err(|e| tracing::warn!(error = %e, "dup of a standby's readiness pipe"))
+            .ok()?;
+        // The log is the mapping's now: not removed with the standby.
+        standby.log = PathBuf::new();
+        tracing::debug!(pid = standby.pid, "image handed to the standby FUSE server");
+        Some((standby.pid, standby.start, ready))
+    }
+
+    /// Starts the server (the standby, if there is one) and waits for its
+    /// readiness line; returns its pid and start time.
+    fn start_server(
+        &self,
+        dir: &Path,
+        spec: &ImageSpec,
+        read_only: bool,
+        source: &Source,
+    ) -> Result<(i32, Option<u64>)> {
+        let log_path = dir.join(LOG_FILE);
+        let started = Instant::now();
+        let (pid, start, ready_rd, standby) =
+            match self.assign_standby(dir, spec, read_only, source) {
+                Some((pid, start, ready)) => (pid, start, ready, true),
+                None => {
+                    let (ready_rd, ready_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                        .map_err(|e| Error::io("pipe", dir, e.into()))?;
+                    let mut args = self.server_args(&dir.join(MOUNT_DIR), spec, read_only, source);
+                    args.push("--ready-fd".into());
+                    args.push(ready_wr.as_raw_fd().to_string().into());
+                    let (pid, start) = self.spawn(args, &log_path, [ready_wr.as_raw_fd(), -1])?;
+                    (pid, start, File::from(ready_rd), false)
+                }
+            };
+        let line = read_line_with_timeout(ready_rd, self.config.start_timeout);
         let failed = |errno: Option<i32>, message: String| {
             let log = tail(&log_path, 2000);
             Error::HelperStart {
@@ -491,11 +710,12 @@ impl FuseMapper {
         }
         tracing::info!(
             pid,
+            standby,
             size = ready.size,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "FUSE server ready"
         );
-        Ok(pid)
+        Ok((pid, start))
     }
 
     /// Detaches, unmounts, stops the server and removes the state directory.
@@ -530,6 +750,7 @@ impl FuseMapper {
             mountpoint: dir.join(MOUNT_DIR),
             state_dir: dir.to_path_buf(),
             server_pid: state.as_ref().map(|s| s.server_pid).unwrap_or(0),
+            server_start: state.as_ref().and_then(|s| s.server_start),
         };
         self.teardown(&handle, spec)?;
         remove_dir(dir)
@@ -565,8 +786,7 @@ impl FuseMapper {
         }
         // 2. The FUSE mount. The kernel drops the loop device's reference to
         // the image file shortly after the detach; EBUSY until then.
-        let server_alive =
-            sys::process_matches(handle.server_pid, &handle.mountpoint.display().to_string());
+        let server_alive = handle.server_alive();
         unmount(&handle.mountpoint, server_alive, wait)?;
         // 3. The server exits once its mount is gone.
         if server_alive && !sys::wait_exit(handle.server_pid, wait) {
@@ -597,7 +817,12 @@ impl FuseMapper {
         };
         let mut found = Vec::new();
         for entry in entries {
-            let dir = entry.map_err(|e| Error::io("read", run_dir, e))?.path();
+            let entry = entry.map_err(|e| Error::io("read", run_dir, e))?;
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                // Standby logs.
+                continue;
+            }
+            let dir = entry.path();
             match read_state(&dir) {
                 Ok(Some(state)) if state.loop_number.is_some() => {
                     found.push(state_to_device(&dir, &state))
@@ -656,7 +881,7 @@ impl FuseMapper {
             device: dev.device.clone(),
             reason,
         };
-        if !sys::process_matches(handle.server_pid, &handle.mountpoint.display().to_string()) {
+        if !handle.server_alive() {
             return Err(stale(format!(
                 "its FUSE server (pid {}) is gone",
                 handle.server_pid
@@ -783,6 +1008,28 @@ fn unmount(mountpoint: &Path, server_alive: bool, wait: Duration) -> Result<()> 
     }
 }
 
+/// Removes the logs of standbys whose daemon is gone (a standby exits with
+/// its daemon; its log stays for whoever looks, until the next start).
+fn remove_dead_standby_logs(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(STANDBY_PREFIX))
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if sys::start_time(owner).is_none() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 fn remove_dir(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
@@ -802,6 +1049,7 @@ fn state_to_device(dir: &Path, state: &StateFile) -> MappedDevice {
             mountpoint: dir.join(MOUNT_DIR),
             state_dir: dir.to_path_buf(),
             server_pid: state.server_pid,
+            server_start: state.server_start,
         }),
     }
 }
@@ -964,7 +1212,7 @@ mod tests {
             .collect();
         assert_eq!(
             args.join(" "),
-            "fuse-serve --mountpoint /m --threads 8 --max-write 1048576 --connect-timeout 45 --pool rbd --namespace ns --image img --snap s --conf /c --id u --keyring /k --read-only"
+            "fuse-serve --mountpoint /m --pool rbd --namespace ns --image img --snap s --read-only --threads 8 --max-write 1048576 --connect-timeout 45 --conf /c --id u --keyring /k"
         );
         let args = m.server_args(
             Path::new("/m"),
@@ -978,7 +1226,7 @@ mod tests {
             .collect();
         assert_eq!(
             args.join(" "),
-            "fuse-serve --mountpoint /m --threads 8 --max-write 1048576 --connect-timeout 45 --file /f"
+            "fuse-serve --mountpoint /m --file /f --threads 8 --max-write 1048576 --connect-timeout 45"
         );
         // clap accepts what we generate
         let parsed = ServeArgs::try_parse_from(
@@ -986,6 +1234,73 @@ mod tests {
         )
         .unwrap();
         assert_eq!(parsed.file.as_deref(), Some(Path::new("/f")));
+
+        // A standby: the cluster, no image.
+        let args: Vec<String> = m
+            .standby_args(7)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args.join(" "),
+            format!(
+                "fuse-serve --standby-fd 7 --standby-in {} --threads 8 --max-write 1048576 --connect-timeout 45 --conf /c --id u --keyring /k",
+                dir.path().display()
+            )
+        );
+        let parsed = ServeArgs::try_parse_from(
+            std::iter::once("x".to_string()).chain(args.into_iter().skip(1)),
+        )
+        .unwrap();
+        assert_eq!(parsed.standby_fd, Some(7));
+        assert_eq!(parsed.mountpoint, None);
+        // clap refuses a standby that also names an image, and a server
+        // with neither a mountpoint nor a standby descriptor.
+        for bad in [
+            &[
+                "x",
+                "--standby-fd",
+                "7",
+                "--standby-in",
+                "/r",
+                "--pool",
+                "p",
+                "--image",
+                "i",
+            ][..],
+            &[
+                "x",
+                "--standby-fd",
+                "7",
+                "--standby-in",
+                "/r",
+                "--mountpoint",
+                "/m",
+            ],
+            &["x", "--standby-fd", "7"],
+            &["x", "--pool", "p", "--image", "i"],
+        ] {
+            assert!(ServeArgs::try_parse_from(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn standby_logs_never_look_like_mappings() {
+        // Every mapping directory escapes '+', so a standby log cannot
+        // take an image's place.
+        for image in ["+standby.1.0.log", "a+b"] {
+            assert!(!dir_name(&spec(image, None, None)).contains('+'));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join(format!("{STANDBY_PREFIX}0.3.log"));
+        let mine = dir
+            .path()
+            .join(format!("{STANDBY_PREFIX}{}.4.log", std::process::id()));
+        std::fs::write(&dead, "").unwrap();
+        std::fs::write(&mine, "").unwrap();
+        remove_dead_standby_logs(dir.path());
+        assert!(!dead.exists(), "the log of a dead daemon's standby stays");
+        assert!(mine.exists(), "a live daemon's standby log was removed");
     }
 
     #[test]

@@ -71,6 +71,13 @@ impl RbdBackend {
         exclusive: bool,
         connect_timeout: Duration,
     ) -> Result<Self, OpenError> {
+        let rados = Self::connect(conn, connect_timeout)?;
+        Self::open_on(&rados, spec, read_only, exclusive)
+    }
+
+    /// A cluster connection with the options a server needs
+    /// ([`CLIENT_OPTIONS`]), for [`RbdBackend::open_on`].
+    pub fn connect(conn: &CephConnection, timeout: Duration) -> Result<Rados, OpenError> {
         let config = ConnectConfig {
             conf: conn.conf.clone(),
             id: conn.id.clone(),
@@ -80,9 +87,19 @@ impl RbdBackend {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            timeout: connect_timeout,
+            timeout,
         };
-        let rados = Rados::connect(&config)?;
+        Ok(Rados::connect(&config)?)
+    }
+
+    /// Opens `spec` on a connection made by [`RbdBackend::connect`]; see
+    /// [`RbdBackend::open`].
+    pub fn open_on(
+        rados: &Rados,
+        spec: &ImageSpec,
+        read_only: bool,
+        exclusive: bool,
+    ) -> Result<Self, OpenError> {
         let ioctx = rados.ioctx(&spec.pool, spec.namespace.as_deref())?;
         let read_only = read_only || spec.snap.is_some();
         let image = if read_only {

@@ -8,6 +8,18 @@
 //! `{"ok":true,"pid":..,"size":..}` once the mount is up or
 //! `{"ok":false,"errno":..,"message":..}`, then closes it.
 //!
+//! # Standby
+//!
+//! Started as `<helper> --standby-fd S --standby-in DIR --conf C ...
+//! --ready-fd N`, it connects to the cluster ahead of need and waits for
+//! one JSON line on descriptor S, an [`Assignment`] (the image and a
+//! mountpoint under DIR); then it serves that as above. The connection is
+//! most of a server's start-up (process start and cluster connect, about
+//! 40 of 50 ms), so the mapper keeps one standby ready and a mapping costs
+//! only the image's open and the mount. End of file on S before a line
+//! (the mapper dropped it, or its daemon died) makes the standby exit, as
+//! SIGTERM does while it waits.
+//!
 //! It stops when its file system is unmounted (by the mapper, after the
 //! loop device is detached). SIGTERM asks it to unmount itself, which the
 //! kernel refuses while the loop device still holds the image file: a
@@ -19,6 +31,7 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -34,8 +47,8 @@ use super::fs::{FsOptions, ImageFs};
 )]
 pub struct ServeArgs {
     /// Directory to mount the file system on.
-    #[arg(long)]
-    pub mountpoint: PathBuf,
+    #[arg(long, required_unless_present = "standby_fd")]
+    pub mountpoint: Option<PathBuf>,
     /// Serve read-only: writes fail with EROFS.
     #[arg(long)]
     pub read_only: bool,
@@ -84,6 +97,63 @@ pub struct ServeArgs {
     /// Seconds to wait for the cluster when connecting.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
+    /// Standby: connect, then read the [`Assignment`] from this descriptor.
+    #[arg(
+        long,
+        requires = "standby_in",
+        conflicts_with_all = ["mountpoint", "file", "image", "snap", "namespace", "read_only", "exclusive"]
+    )]
+    pub standby_fd: Option<i32>,
+    /// Standby: the directory the assigned mountpoint must lie under.
+    #[arg(long, requires = "standby_fd")]
+    pub standby_in: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// These arguments with a standby's assignment filled in.
+    fn assigned(&self, a: Assignment) -> ServeArgs {
+        ServeArgs {
+            mountpoint: Some(a.mountpoint),
+            pool: Some(a.pool),
+            namespace: a.namespace,
+            image: Some(a.image),
+            snap: a.snap,
+            read_only: a.read_only,
+            exclusive: a.exclusive,
+            standby_fd: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// The process name (`/proc/<pid>/comm`, what `ps` and `top` show) of a
+/// standby while it waits for its assignment; once assigned it takes its
+/// own name back.
+pub const STANDBY_NAME: &str = "docker-rbd-idle";
+
+/// What a standby server is to serve: one JSON line on its standby
+/// descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assignment {
+    /// Directory to mount on, under the standby's `--standby-in`.
+    pub mountpoint: PathBuf,
+    /// RBD pool.
+    pub pool: String,
+    /// RADOS namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// RBD image.
+    pub image: String,
+    /// Snapshot (read-only).
+    #[serde(default)]
+    pub snap: Option<String>,
+    /// Serve read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Take the exclusive lock and keep it.
+    #[serde(default)]
+    pub exclusive: bool,
 }
 
 /// The readiness report.
@@ -199,8 +269,27 @@ fn serve(args: &ServeArgs, ready: &mut Option<File>) -> Result<(), Failure> {
     }
     signals.thread_block().map_err(std::io::Error::from)?;
     harden_process();
+    let phase = Arc::new(Phase::new(args.standby_fd.is_some()));
+    {
+        let phase = phase.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || wait_for_stop(&signals, &phase))?;
+    }
 
-    let backend = open_backend(args)?;
+    let (args, backend) = match args.standby_fd {
+        Some(fd) => match stand_by(args, fd, &phase)? {
+            Some(assigned) => assigned,
+            None => return Ok(()),
+        },
+        None => (args.clone(), open_backend(args)?),
+    };
+    let Some(mountpoint) = args.mountpoint.clone() else {
+        return Err(Failure {
+            errno: Some(libc::EINVAL),
+            message: "no mountpoint".into(),
+        });
+    };
     let size = backend.size();
     let read_only = args.read_only || args.snap.is_some();
     let options = FsOptions {
@@ -244,9 +333,10 @@ fn serve(args: &ServeArgs, ready: &mut Option<File>) -> Result<(), Failure> {
     ];
     config.n_threads = Some(args.threads.clamp(1, 64));
     config.clone_fd = true;
-    let session = fuser::Session::new(fs, &args.mountpoint, &config)?;
+    let session = fuser::Session::new(fs, &mountpoint, &config)?;
+    phase.serving(&mountpoint);
     let pid = std::process::id() as i32;
-    tracing::info!(mountpoint = %args.mountpoint.display(), %source, size, read_only, pid, "serving");
+    tracing::info!(mountpoint = %mountpoint.display(), %source, size, read_only, pid, "serving");
     report(
         ready,
         &Ready {
@@ -257,11 +347,6 @@ fn serve(args: &ServeArgs, ready: &mut Option<File>) -> Result<(), Failure> {
             message: String::new(),
         },
     );
-
-    let mountpoint = args.mountpoint.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || wait_for_stop(&signals, &mountpoint))?;
     session.run()?;
     tracing::info!(
         reads = stats.reads.load(std::sync::atomic::Ordering::Relaxed),
@@ -287,7 +372,7 @@ fn open_backend(args: &ServeArgs) -> Result<AnyBackend, Failure> {
                 errno: e.raw_os_error(),
                 message: format!("{}: {e}", path.display()),
             }),
-        (None, Some(pool), Some(image)) => open_rbd(args, pool, image, read_only),
+        (None, Some(_), Some(_)) => open_rbd(args, read_only),
         _ => Err(Failure {
             errno: Some(libc::EINVAL),
             message: "give --file, or --pool and --image".into(),
@@ -309,7 +394,60 @@ fn harden_process() {
     }
 }
 
-fn wait_for_stop(signals: &nix::sys::signal::SigSet, mountpoint: &Path) {
+/// Where the server is in its life, for the signal thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stage {
+    /// A standby waiting for its assignment: a signal ends it at once.
+    Waiting,
+    /// Opening the image and mounting: a signal waits for the mount.
+    Starting,
+    /// Serving at this mountpoint: a signal unmounts it.
+    Serving(PathBuf),
+}
+
+struct Phase {
+    stage: std::sync::Mutex<Stage>,
+    changed: std::sync::Condvar,
+}
+
+impl Phase {
+    fn new(standby: bool) -> Self {
+        Phase {
+            stage: std::sync::Mutex::new(if standby {
+                Stage::Waiting
+            } else {
+                Stage::Starting
+            }),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn set(&self, stage: Stage) {
+        *self.stage.lock().unwrap_or_else(|p| p.into_inner()) = stage;
+        self.changed.notify_all();
+    }
+
+    fn serving(&self, mountpoint: &Path) {
+        self.set(Stage::Serving(mountpoint.to_path_buf()));
+    }
+
+    /// The mountpoint once serving; `None` if the server is waiting as a
+    /// standby (then it is to exit).
+    fn mountpoint(&self) -> Option<PathBuf> {
+        let mut stage = self.stage.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match &*stage {
+                Stage::Waiting => return None,
+                Stage::Serving(m) => return Some(m.clone()),
+                Stage::Starting => {
+                    stage = self.changed.wait(stage).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+    }
+}
+
+fn wait_for_stop(signals: &nix::sys::signal::SigSet, phase: &Phase) {
     loop {
         let sig = match signals.wait() {
             Ok(sig) => sig,
@@ -321,7 +459,14 @@ fn wait_for_stop(signals: &nix::sys::signal::SigSet, mountpoint: &Path) {
         if sig == nix::sys::signal::SIGHUP {
             continue;
         }
-        match nix::mount::umount(mountpoint) {
+        let Some(mountpoint) = phase.mountpoint() else {
+            tracing::info!(signal = %sig, "standby stopped before it served anything");
+            // Nothing is open or mounted; skip the exit handlers, which
+            // would race librados' threads.
+            // SAFETY: _exit takes a status and never returns.
+            unsafe { libc::_exit(0) };
+        };
+        match nix::mount::umount(&mountpoint) {
             Ok(()) => {
                 tracing::info!(signal = %sig, "unmounted on request");
                 return;
@@ -335,34 +480,229 @@ fn wait_for_stop(signals: &nix::sys::signal::SigSet, mountpoint: &Path) {
     }
 }
 
-fn open_rbd(
+/// A standby's life until its assignment: connects, reads the assignment
+/// from descriptor `fd`, opens the image on that connection. `None` when
+/// the descriptor reached its end first (not needed).
+fn stand_by(
     args: &ServeArgs,
-    pool: &str,
-    image: &str,
-    read_only: bool,
-) -> Result<AnyBackend, Failure> {
-    let conn = crate::mapper::CephConnection {
+    fd: i32,
+    phase: &Phase,
+) -> Result<Option<(ServeArgs, AnyBackend)>, Failure> {
+    use std::io::BufRead;
+    // SAFETY: the parent passed us this descriptor, open and meant for us
+    // alone; nothing else in this process owns it.
+    let control = unsafe { File::from_raw_fd(fd) };
+    let own_name = process_name();
+    set_process_name(STANDBY_NAME);
+    let rados = super::rbd::RbdBackend::connect(&connection(args), connect_timeout(args))
+        .map_err(open_failure)?;
+    tracing::info!("standby: connected to the cluster; waiting for an image to serve");
+    let mut line = String::new();
+    let n = std::io::BufReader::new(control)
+        .read_line(&mut line)
+        .map_err(|e| Failure {
+            errno: e.raw_os_error(),
+            message: format!("reading the assignment: {e}"),
+        })?;
+    if n == 0 {
+        tracing::info!("standby: not needed any more (its mapper went away); exiting");
+        return Ok(None);
+    }
+    phase.set(Stage::Starting);
+    if let Some(name) = &own_name {
+        set_process_name(name);
+    }
+    let assignment: Assignment = serde_json::from_str(line.trim_end()).map_err(|e| Failure {
+        errno: Some(libc::EINVAL),
+        message: format!("unreadable assignment {:?}: {e}", line.trim_end()),
+    })?;
+    check_assignment(args, &assignment)?;
+    let args = args.assigned(assignment);
+    let backend = super::rbd::RbdBackend::open_on(
+        &rados,
+        &image_spec(&args)?,
+        args.read_only,
+        args.exclusive,
+    )
+    .map_err(open_failure)?;
+    Ok(Some((args, AnyBackend::Rbd(backend))))
+}
+
+/// This thread's name (the process's, on the main thread).
+fn process_name() -> Option<String> {
+    let mut buf = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes, NUL included, into buf.
+    if unsafe { libc::prctl(libc::PR_GET_NAME, buf.as_mut_ptr(), 0, 0, 0) } != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+/// Names this thread (the process, on the main thread); at most 15 bytes
+/// are kept.
+fn set_process_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+    // bytes; buf is one.
+    if unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr(), 0, 0, 0) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "PR_SET_NAME failed");
+    }
+}
+
+/// An assignment must name a mountpoint under the standby's
+/// `--standby-in`.
+fn check_assignment(args: &ServeArgs, a: &Assignment) -> Result<(), Failure> {
+    let invalid = |message: String| Failure {
+        errno: Some(libc::EINVAL),
+        message,
+    };
+    let under = args.standby_in.as_deref().unwrap_or(Path::new("/"));
+    let clean = a.mountpoint.is_absolute()
+        && a.mountpoint
+            .components()
+            .all(|c| !matches!(c, std::path::Component::ParentDir));
+    if !clean || !a.mountpoint.starts_with(under) {
+        return Err(invalid(format!(
+            "assigned mountpoint {} is not under {}",
+            a.mountpoint.display(),
+            under.display()
+        )));
+    }
+    Ok(())
+}
+
+fn connection(args: &ServeArgs) -> crate::mapper::CephConnection {
+    crate::mapper::CephConnection {
         conf: args.conf.clone(),
         id: args.id.clone(),
         keyring: args.keyring.clone(),
         cluster: args.cluster.clone(),
-    };
-    let spec = crate::mapper::ImageSpec {
-        pool: pool.to_string(),
-        namespace: args.namespace.clone(),
-        image: image.to_string(),
-        snap: args.snap.clone(),
-    };
-    let backend = super::rbd::RbdBackend::open(
-        &conn,
-        &spec,
-        read_only,
-        args.exclusive,
-        std::time::Duration::from_secs(args.connect_timeout.max(1)),
-    )
-    .map_err(|e| Failure {
+    }
+}
+
+fn connect_timeout(args: &ServeArgs) -> std::time::Duration {
+    std::time::Duration::from_secs(args.connect_timeout.max(1))
+}
+
+fn image_spec(args: &ServeArgs) -> Result<crate::mapper::ImageSpec, Failure> {
+    match (&args.pool, &args.image) {
+        (Some(pool), Some(image)) => Ok(crate::mapper::ImageSpec {
+            pool: pool.clone(),
+            namespace: args.namespace.clone(),
+            image: image.clone(),
+            snap: args.snap.clone(),
+        }),
+        _ => Err(Failure {
+            errno: Some(libc::EINVAL),
+            message: "give --file, or --pool and --image".into(),
+        }),
+    }
+}
+
+fn open_failure(e: super::rbd::OpenError) -> Failure {
+    Failure {
         errno: e.errno(),
         message: e.to_string(),
-    })?;
+    }
+}
+
+fn open_rbd(args: &ServeArgs, read_only: bool) -> Result<AnyBackend, Failure> {
+    let backend = super::rbd::RbdBackend::open(
+        &connection(args),
+        &image_spec(args)?,
+        read_only,
+        args.exclusive,
+        connect_timeout(args),
+    )
+    .map_err(open_failure)?;
     Ok(AnyBackend::Rbd(backend))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn standby_args() -> ServeArgs {
+        ServeArgs::try_parse_from([
+            "x",
+            "--standby-fd",
+            "5",
+            "--standby-in",
+            "/run/f",
+            "--id",
+            "u",
+        ])
+        .unwrap()
+    }
+
+    fn assignment(mountpoint: &str) -> Assignment {
+        Assignment {
+            mountpoint: mountpoint.into(),
+            pool: "rbd".into(),
+            namespace: Some("ns".into()),
+            image: "img".into(),
+            snap: None,
+            read_only: false,
+            exclusive: true,
+        }
+    }
+
+    #[test]
+    fn an_assignment_fills_in_the_image_and_keeps_the_rest() {
+        let args = standby_args();
+        let a = assignment("/run/f/rbd%2Fimg/mnt");
+        check_assignment(&args, &a).unwrap();
+        let assigned = args.assigned(a);
+        assert_eq!(
+            assigned.mountpoint.as_deref(),
+            Some(Path::new("/run/f/rbd%2Fimg/mnt"))
+        );
+        assert_eq!(assigned.image.as_deref(), Some("img"));
+        assert_eq!(assigned.namespace.as_deref(), Some("ns"));
+        assert!(assigned.exclusive);
+        assert_eq!(assigned.standby_fd, None);
+        assert_eq!(assigned.id.as_deref(), Some("u"));
+        assert_eq!(image_spec(&assigned).unwrap().to_string(), "rbd/ns/img");
+    }
+
+    #[test]
+    fn assignments_outside_the_run_directory_are_refused() {
+        let args = standby_args();
+        for bad in ["/elsewhere/mnt", "relative/mnt", "/run/f/../../etc"] {
+            let e = check_assignment(&args, &assignment(bad)).unwrap_err();
+            assert_eq!(e.errno, Some(libc::EINVAL), "{bad}");
+            assert!(e.message.contains("is not under /run/f"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn assignment_lines_are_strict_json() {
+        let line = serde_json::to_string(&assignment("/run/f/x/mnt")).unwrap();
+        assert!(!line.contains('\n'));
+        let back: Assignment = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, assignment("/run/f/x/mnt"));
+        assert!(
+            serde_json::from_str::<Assignment>(
+                r#"{"mountpoint":"/m","pool":"p","image":"i","extra":1}"#
+            )
+            .is_err()
+        );
+        assert!(serde_json::from_str::<Assignment>(r#"{"mountpoint":"/m"}"#).is_err());
+    }
+
+    #[test]
+    fn the_process_name_can_be_set_and_read_back() {
+        // On a thread of its own: the test harness's threads keep theirs.
+        std::thread::spawn(|| {
+            set_process_name(STANDBY_NAME);
+            assert_eq!(process_name().as_deref(), Some(STANDBY_NAME));
+            set_process_name("a-name-longer-than-fifteen-bytes");
+            assert_eq!(process_name().as_deref(), Some("a-name-longer-t"));
+        })
+        .join()
+        .unwrap();
+    }
 }
