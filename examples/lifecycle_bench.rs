@@ -17,8 +17,11 @@
 //! scripts/bench lifecycle      # or, by hand:
 //! scripts/ceph-dev start /tmp/bench-ceph && source /tmp/bench-ceph/env
 //! cargo build --release --bins --example lifecycle_bench
-//! target/release/examples/lifecycle_bench [--rounds 20] [--data-mib 200]
+//! target/release/examples/lifecycle_bench [--rounds 20] [--data-mib 200] [--log FILE]
 //! ```
+//!
+//! `--log FILE` saves the plugin's log of the breakdown runs, for a closer
+//! look (with `DOCKER_RBD_LOG=debug` for every step's timestamp).
 //!
 //! Needs root, /dev/fuse, /dev/loop-control, dockerd and the cluster
 //! variables of `scripts/ceph-dev`; works in a RADOS namespace of its own,
@@ -36,12 +39,14 @@ const NAME: &str = "lifecycle_bench";
 struct Args {
     rounds: usize,
     data_mib: u64,
+    log: Option<PathBuf>,
 }
 
 fn args() -> Result<Args> {
     let mut a = Args {
         rounds: 20,
         data_mib: 200,
+        log: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -49,7 +54,8 @@ fn args() -> Result<Args> {
         match flag.as_str() {
             "--rounds" => a.rounds = value.parse().context("--rounds")?,
             "--data-mib" => a.data_mib = value.parse().context("--data-mib")?,
-            other => bail!("unknown flag {other} (--rounds N, --data-mib N)"),
+            "--log" => a.log = Some(PathBuf::from(value)),
+            other => bail!("unknown flag {other} (--rounds N, --data-mib N, --log FILE)"),
         }
     }
     if a.rounds == 0 {
@@ -151,7 +157,7 @@ fn measure(d: &Dockerd, rounds: usize) -> Result<Row> {
 /// Runs `docker run --rm` `rounds` times more on docker-rbd and prints,
 /// per graphdriver request, how many one run makes and their median time,
 /// from the plugin's `request done` log lines.
-fn breakdown(host: &testkit::fleet::FleetHost, rounds: usize) -> Result<()> {
+fn breakdown(host: &testkit::fleet::FleetHost, rounds: usize, save: Option<&Path>) -> Result<()> {
     let before = host.plugin_log().len();
     let t = Instant::now();
     for _ in 0..rounds {
@@ -162,6 +168,10 @@ fn breakdown(host: &testkit::fleet::FleetHost, rounds: usize) -> Result<()> {
     }
     let wall = t.elapsed().as_secs_f64() * 1000.0 / rounds as f64;
     let log = host.plugin_log();
+    if let Some(path) = save {
+        std::fs::write(path, log.get(before..).unwrap_or_default())
+            .with_context(|| format!("write {}", path.display()))?;
+    }
     let mut by_method: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     for line in log.get(before..).unwrap_or_default().lines() {
         if !line.contains("request done") {
@@ -273,7 +283,7 @@ fn main() -> Result<()> {
         );
     }
     println!("(xN: median against overlay2's in the same run)");
-    breakdown(&rbd, args.rounds)?;
+    breakdown(&rbd, args.rounds, args.log.as_deref())?;
     drop(rbd);
     drop(fleet);
     Ok(())

@@ -208,8 +208,11 @@ impl FleetHost {
 
     fn try_start_plugin(&mut self) -> Result<(), String> {
         let mut cmd = self.host.command(&self.bin);
+        // The test's own DOCKER_RBD_LOG (e.g. debug, to follow a failure),
+        // else info.
+        let log = std::env::var("DOCKER_RBD_LOG").unwrap_or_else(|_| "info".to_string());
         cmd.args(&self.args)
-            .env("DOCKER_RBD_LOG", "info")
+            .env("DOCKER_RBD_LOG", log)
             .env("NO_COLOR", "1");
         let socket = self
             .host
