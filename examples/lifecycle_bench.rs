@@ -13,6 +13,11 @@
 //! then, for docker-rbd, where one `docker run --rm` spends its time in the
 //! plugin: each graphdriver request's median from the plugin's own log.
 //!
+//! Deep images, on docker-rbd and overlay2: `docker load` of a 1-layer and
+//! a 60-layer image (tiny layers: the per-layer cost), then `docker run
+//! --rm` of each, `rounds` times after a warm-up; the 60-layer run against
+//! the 1-layer one.
+//!
 //! ```text
 //! scripts/bench lifecycle      # or, by hand:
 //! scripts/ceph-dev start /tmp/bench-ceph && source /tmp/bench-ceph/env
@@ -168,12 +173,21 @@ fn breakdown(host: &testkit::fleet::FleetHost, rounds: usize, save: Option<&Path
     }
     let wall = t.elapsed().as_secs_f64() * 1000.0 / rounds as f64;
     let log = host.plugin_log();
+    let log = log.get(before..).unwrap_or_default();
     if let Some(path) = save {
-        std::fs::write(path, log.get(before..).unwrap_or_default())
-            .with_context(|| format!("write {}", path.display()))?;
+        std::fs::write(path, log).with_context(|| format!("write {}", path.display()))?;
     }
+    println!("docker-rbd plugin time per `docker run --rm` ({rounds} runs, {wall:.0} ms each):");
+    print_requests(log, rounds, "run");
+    Ok(())
+}
+
+/// Prints, per graphdriver request in `log` (the plugin's `request done`
+/// lines), how many there were per `unit` (`count` of them) and their
+/// median and total time.
+fn print_requests(log: &str, count: usize, unit: &str) {
     let mut by_method: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    for line in log.get(before..).unwrap_or_default().lines() {
+    for line in log.lines() {
         if !line.contains("request done") {
             continue;
         }
@@ -189,26 +203,111 @@ fn breakdown(host: &testkit::fleet::FleetHost, rounds: usize, save: Option<&Path
             by_method.entry(method).or_default().push(ms);
         }
     }
-    println!("docker-rbd plugin time per `docker run --rm` ({rounds} runs, {wall:.0} ms each):");
+    let per = format!("per {unit}");
+    let total_per = format!("ms per {unit}");
     println!(
-        "{:<18} {:>8} {:>10} {:>12}",
-        "request", "per run", "median ms", "ms per run"
+        "{:<18} {:>9} {:>10} {:>13}",
+        "request", per, "median ms", total_per
     );
     let mut total = 0.0;
     for (method, mut times) in by_method {
         times.sort_by(f64::total_cmp);
-        let per_run = times.len() as f64 / rounds as f64;
-        let sum: f64 = times.iter().sum::<f64>() / rounds as f64;
+        let n = times.len() as f64 / count as f64;
+        let sum: f64 = times.iter().sum::<f64>() / count as f64;
         total += sum;
         println!(
-            "{:<18} {:>8.1} {:>10.1} {:>12.1}",
+            "{:<18} {:>9.1} {:>10.1} {:>13.1}",
             method,
-            per_run,
+            n,
             times[times.len() / 2],
             sum
         );
     }
-    println!("{:<18} {:>8} {:>10} {:>12.1}", "all", "", "", total);
+    println!("{:<18} {:>9} {:>10} {:>13.1}", "all", "", "", total);
+}
+
+/// `docker load` of a 1-layer and a 60-layer image, then `run --rm` of
+/// each, on every daemon in `daemons`.
+fn deep(
+    host: &testkit::fleet::FleetHost,
+    daemons: &[&Dockerd],
+    dir: &Path,
+    rounds: usize,
+) -> Result<()> {
+    const DEPTHS: [usize; 2] = [1, 60];
+    let mut tars = Vec::new();
+    for n in DEPTHS {
+        let tag = format!("deep{n}:1");
+        let tar = dir.join(format!("deep{n}.tar"));
+        testkit::images::chain_image(&tag, n)
+            .and_then(|image| image.write_save_tar(&tar))
+            .map_err(anyhow::Error::msg)?;
+        tars.push((n, tag, tar));
+    }
+    println!("deep images: docker load, and run --rm median of {rounds} after 3 warm-up runs (ms)");
+    println!(
+        "{:<12} {:>12} {:>13} {:>16} {:>14} {:>15} {:>10}",
+        "driver",
+        "load 1 layer",
+        "load 60 layers",
+        "per extra layer",
+        "run --rm 1",
+        "run --rm 60",
+        "60 vs 1"
+    );
+    let mut breakdowns = Vec::new();
+    for d in daemons {
+        let mut loads = Vec::new();
+        let mut runs = Vec::new();
+        let mut load_log = String::new();
+        for (n, tag, tar) in &tars {
+            let before = host.plugin_log().len();
+            let t = Instant::now();
+            docker(d, &["load", "-q", "-i", &tar.display().to_string()])?;
+            loads.push(t.elapsed());
+            if *n == DEPTHS[1] && std::ptr::eq(*d, host.dockerd()) {
+                load_log = host
+                    .plugin_log()
+                    .get(before..)
+                    .unwrap_or_default()
+                    .to_string();
+            }
+            let run = ["run", "--rm", "--network", "none", tag.as_str(), "true"];
+            for _ in 0..3 {
+                docker(d, &run)?;
+            }
+            let mut times = Vec::new();
+            for _ in 0..rounds {
+                let t = Instant::now();
+                docker(d, &run)?;
+                times.push(t.elapsed());
+            }
+            runs.push(stats(times).median);
+        }
+        let per_layer = loads[1].saturating_sub(loads[0]) / (DEPTHS[1] - DEPTHS[0]) as u32;
+        let driver = match d.config().storage_driver.as_str() {
+            "overlay2" | "vfs" => d.config().storage_driver.clone(),
+            _ => "rbd (fuse)".to_string(),
+        };
+        println!(
+            "{:<12} {:>12} {:>13} {:>16} {:>14} {:>15} {:>9.2}x",
+            driver,
+            ms(loads[0]),
+            ms(loads[1]),
+            ms(per_layer),
+            ms(runs[0]),
+            ms(runs[1]),
+            runs[1].as_secs_f64() / runs[0].as_secs_f64().max(1e-9)
+        );
+        breakdowns.push(load_log);
+    }
+    for log in breakdowns.iter().filter(|l| !l.is_empty()) {
+        println!(
+            "docker-rbd plugin time of the {}-layer `docker load`:",
+            DEPTHS[1]
+        );
+        print_requests(log, DEPTHS[1], "layer");
+    }
     Ok(())
 }
 
@@ -284,6 +383,12 @@ fn main() -> Result<()> {
     }
     println!("(xN: median against overlay2's in the same run)");
     breakdown(&rbd, args.rounds, args.log.as_deref())?;
+    deep(
+        &rbd,
+        &[rbd.dockerd(), &overlay],
+        scratch.path(),
+        args.rounds,
+    )?;
     drop(rbd);
     drop(fleet);
     Ok(())
