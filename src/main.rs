@@ -54,6 +54,9 @@ enum Command {
     Fsck(cli::repair::FsckArgs),
     /// Remove what fsck finds safe to remove, checking each again first.
     Gc(cli::repair::GcArgs),
+    /// Copy into a layer what it reads from its parent chain, so that it
+    /// stands alone (not for sealed layers: flatten their clones).
+    Flatten(cli::repair::FlattenArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion(CompletionArgs),
     /// Print the man page (roff), e.g. `docker-rbd man > docker-rbd.1`.
@@ -90,6 +93,7 @@ impl Command {
             Command::Du(a) => &mut a.common,
             Command::Fsck(a) => &mut a.common,
             Command::Gc(a) => &mut a.common,
+            Command::Flatten(a) => &mut a.common,
             Command::Serve(_)
             | Command::Completion(_)
             | Command::Man
@@ -365,6 +369,7 @@ fn main() -> Result<()> {
         Command::Du(args) => inspect("du", cli::fleet::du(&args)),
         Command::Fsck(args) => inspect("fsck", cli::repair::fsck(&args)),
         Command::Gc(args) => inspect("gc", cli::repair::gc(&args)),
+        Command::Flatten(args) => inspect("flatten", cli::repair::flatten(&args)),
         Command::Completion(args) => {
             let mut text = Vec::new();
             clap_complete::generate(args.shell, &mut Cli::command(), "docker-rbd", &mut text);

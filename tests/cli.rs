@@ -702,3 +702,153 @@ fn fsck_finds_each_problem_and_gc_removes_only_what_nothing_needs() {
     assert!(problems(&f).iter().all(|(_, _, collectable)| !collectable));
     assert_eq!(json(&f, &["gc", "--dry-run"]), serde_json::json!([]));
 }
+
+/// Runs docker-rbd on the fleet under a pseudo-terminal (util-linux
+/// `script`), as someone at a terminal would: what reached the terminal,
+/// and the exit status.
+fn run_on_terminal(f: &TestFleet, args: &[&str]) -> (String, i32) {
+    let mut words: Vec<String> = vec![BIN.to_string()];
+    words.extend(args.iter().map(|a| a.to_string()));
+    words.extend([
+        "-c".into(),
+        f.env.conf.display().to_string(),
+        "--id".into(),
+        f.env.id.clone(),
+        "-k".into(),
+        f.env.keyring.display().to_string(),
+        "-p".into(),
+        f.env.pool.clone(),
+        "--namespace".into(),
+        f.namespace.clone(),
+    ]);
+    for w in &words {
+        assert!(
+            w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/._-".contains(c)),
+            "{w:?} would need shell quoting"
+        );
+    }
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &words.join(" "), "/dev/null"])
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script (util-linux)");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+#[test]
+fn flatten_copies_a_layer_out_of_its_chain_with_progress_on_a_terminal() {
+    let Some(f) = build() else { return };
+    // The base layer's image, sealed, and three unsealed clones of it.
+    let base = rbd::Image::open(&f.ioctx, "docker-rbd.layer.base0000", None).expect("open base");
+    base.snap_create("sealed").expect("seal the base");
+    drop(base);
+    let store = Store::new(f.ioctx.clone(), "docker-rbd.");
+    let tips = ["tip00000", "tip00001", "tip00002"];
+    for tip in tips {
+        let image = format!("docker-rbd.layer.{tip}");
+        rbd::clone(
+            &f.ioctx,
+            "docker-rbd.layer.base0000",
+            "sealed",
+            &f.ioctx,
+            &image,
+            &rbd::ImageOptions::default(),
+        )
+        .expect("clone");
+        let mut rec = layer(Some(BASE), tip, LayerKind::ReadWrite, 8 << 20, &["host-a"]);
+        rec.depth = 1;
+        store.layers().create(tip, &rec).unwrap();
+    }
+    let standalone = |tip: &str| {
+        let img = rbd::Image::open(&f.ioctx, &format!("docker-rbd.layer.{tip}"), None).unwrap();
+        let mut head = vec![0u8; 4096];
+        img.read_exact_at(0, &mut head).unwrap();
+        assert!(head.iter().all(|&b| b == 7), "{tip} lost its parent's data");
+        let depth = store.layers().get(tip).unwrap().unwrap().value.depth;
+        (img.parent().unwrap().is_none(), depth)
+    };
+    assert_eq!(standalone("tip00000"), (false, 1));
+
+    // Plain: nothing printed, like `rbd flatten`; the image stands alone.
+    assert_eq!(ok(&f, &["flatten", "tip00000"]), "");
+    assert_eq!(standalone("tip00000"), (true, 0));
+    let base_children =
+        rbd::Image::open_read_only(&f.ioctx, "docker-rbd.layer.base0000", Some("sealed"))
+            .unwrap()
+            .children()
+            .unwrap();
+    assert_eq!(base_children.len(), 2, "{base_children:?}");
+    // JSON names what it was cloned from.
+    let out = json(&f, &["flatten", "tip00001"]);
+    assert_eq!(out["layer"], "tip00001");
+    assert_eq!(out["image"], "docker-rbd.layer.tip00001");
+    assert_eq!(
+        out["parent_image"],
+        format!(
+            "{}/{}/docker-rbd.layer.base0000@sealed",
+            f.env.pool, f.namespace
+        )
+    );
+    assert_eq!(standalone("tip00001"), (true, 0));
+
+    // What cannot be flattened says why, with EINVAL; unknown names ENOENT.
+    fails(
+        Some(&f),
+        &["flatten", "tip00000"],
+        libc::EINVAL,
+        "docker-rbd: flatten failed: (22) Invalid argument: layer tip00000 cannot be flattened: its image docker-rbd.layer.tip00000 has no parent",
+    );
+    fails(
+        Some(&f),
+        &["flatten", BASE],
+        libc::EINVAL,
+        "docker-rbd: flatten failed: (22) Invalid argument: layer base0000 cannot be flattened: it is sealed",
+    );
+    fails(
+        Some(&f),
+        &["flatten", "nosuch"],
+        libc::ENOENT,
+        "docker-rbd: flatten failed: (2) No such file or directory: no layer",
+    );
+    fails(
+        Some(&f),
+        &["flatten", WEB],
+        libc::ENOENT,
+        "docker-rbd: flatten failed: (2) No such file or directory: open image docker-rbd.layer.web00000",
+    );
+
+    // On a terminal, a progress bar (cleared when done); piped, none (the
+    // `ok` calls above check stderr is empty).
+    let (screen, code) = run_on_terminal(&f, &["flatten", "tip00002"]);
+    assert_eq!(code, 0, "{screen}");
+    assert!(
+        screen.contains("flatten") && screen.contains('%'),
+        "no progress bar on the terminal: {screen:?}"
+    );
+    assert_eq!(standalone("tip00002"), (true, 0));
+
+    // gc's, too: an image no record names is removed with a bar.
+    rbd::create(
+        &f.ioctx,
+        "docker-rbd.layer.orphan00",
+        4 << 20,
+        &rbd::ImageOptions::default(),
+    )
+    .expect("create an unrecorded image");
+    let (screen, code) = run_on_terminal(&f, &["gc"]);
+    assert_eq!(code, 0, "{screen}");
+    assert!(
+        screen.contains("gc "),
+        "no progress bar on the terminal: {screen:?}"
+    );
+    assert!(screen.contains("orphan00"), "{screen:?}");
+    assert!(
+        rbd::Image::open_read_only(&f.ioctx, "docker-rbd.layer.orphan00", None).is_err(),
+        "gc left the unrecorded image"
+    );
+}

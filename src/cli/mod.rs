@@ -128,6 +128,14 @@ pub enum CliError {
     /// Bad options.
     #[error("{0}")]
     Usage(String),
+    /// A layer that cannot be flattened, and why.
+    #[error("layer {layer} cannot be flattened: {reason}")]
+    CannotFlatten {
+        /// The layer.
+        layer: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The errno an error stands for: the first Ceph errno in its chain, the
@@ -145,7 +153,9 @@ pub fn errno_of(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<CliError>() {
             return match e {
                 CliError::NotFound { .. } => libc::ENOENT,
-                CliError::Ambiguous { .. } | CliError::Usage(_) => libc::EINVAL,
+                CliError::Ambiguous { .. }
+                | CliError::Usage(_)
+                | CliError::CannotFlatten { .. } => libc::EINVAL,
             };
         }
         if let Some(e) = cause.downcast_ref::<docker_rbd::fleet::FleetError>() {

@@ -1,15 +1,17 @@
 //! `fsck` and `gc`: what is wrong in the fleet, and removing what is
-//! provably unneeded (the checks are `docker_rbd::engine::fsck`'s).
+//! provably unneeded (the checks are `docker_rbd::engine::fsck`'s);
+//! `flatten`: copying a layer out of its clone chain. Long work shows a
+//! progress bar on stderr when it is a terminal.
 
 use std::io::IsTerminal;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use docker_rbd::engine::fsck::{self, Outcome, Problem};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use super::{Common, Conn, or_dash, output, table};
+use super::{CliError, Common, Conn, Snapshot, or_dash, output, table};
 
 /// Exit status of `fsck` when it finds a problem.
 pub const PROBLEMS_FOUND: i32 = 1;
@@ -75,12 +77,13 @@ struct GcRow {
 }
 
 /// A progress bar on stderr when it is a terminal; hidden otherwise.
-fn progress(len: usize) -> ProgressBar {
+/// `template` is indicatif's (e.g. `gc {bar:40} {pos}/{len} {msg}`).
+fn progress(len: u64, template: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template("gc {bar:40} {pos}/{len} {msg}") {
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style);
     }
     bar
@@ -96,7 +99,8 @@ pub fn gc(args: &GcArgs) -> Result<()> {
         .into_iter()
         .filter(|p| p.collectable)
         .collect();
-    let bar = progress(if args.dry_run { 0 } else { candidates.len() });
+    let len = if args.dry_run { 0 } else { candidates.len() };
+    let bar = progress(len as u64, "gc {bar:40} {pos}/{len} {msg}");
     let mut first_error = None;
     let mut rows = Vec::new();
     for problem in candidates {
@@ -142,4 +146,101 @@ pub fn gc(args: &GcArgs) -> Result<()> {
         Some(e) => Err(anyhow::Error::from(e).context("a removal failed")),
         None => Ok(()),
     }
+}
+
+/// Options of `flatten`.
+#[derive(Args)]
+pub struct FlattenArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The layer: its id, an image (tag or id: its top layer) or a
+    /// container (name or id: its read-write layer).
+    pub layer: String,
+}
+
+/// What `flatten` did.
+#[derive(Serialize)]
+struct Flattened {
+    layer: String,
+    image: String,
+    /// The image it was a clone of, `pool/namespace/image@snapshot`.
+    parent_image: String,
+}
+
+/// `docker-rbd flatten <layer>`: copies into the layer's image what it
+/// reads from its parent chain (librbd's flatten, with a progress bar on a
+/// terminal), so it stands alone: its reads stop walking the chain. Only
+/// a layer that is not sealed: a sealed layer's clones read through its
+/// snapshot, which keeps the parent, so copying its head would buy
+/// nothing. The layer may be mapped meanwhile (librbd asks the lock
+/// holder to do it). Prints nothing (plain) on success, like `rbd
+/// flatten`.
+pub fn flatten(args: &FlattenArgs) -> Result<()> {
+    let conn = Conn::open(&args.common)?;
+    let snap = Snapshot::read(&conn.store)?;
+    let id = snap.resolve_layer(&args.layer)?;
+    let refuse = |reason: String| CliError::CannotFlatten {
+        layer: id.clone(),
+        reason,
+    };
+    let rec = snap.layers.get(&id).ok_or_else(|| CliError::NotFound {
+        what: "layer",
+        name: id.clone(),
+    })?;
+    if !rec.owns_image() {
+        return Err(refuse(format!(
+            "it has no image of its own (its files are served by {})",
+            rec.shared_init()
+                .unwrap_or("an overlay until its first Put")
+        ))
+        .into());
+    }
+    if rec.state != metadata::LayerState::Created {
+        return Err(refuse(format!("it is {:?}", rec.state).to_lowercase()).into());
+    }
+    if rec.sealed {
+        return Err(refuse(
+            "it is sealed: its clones read through its snapshot, which keeps the parent; \
+             flatten them instead"
+                .into(),
+        )
+        .into());
+    }
+    let img = ceph_client::rbd::Image::open(conn.store.ioctx(), &rec.image, None)
+        .with_context(|| format!("open image {}", rec.image))?;
+    let Some(parent) = img
+        .parent()
+        .with_context(|| format!("parent of image {}", rec.image))?
+    else {
+        return Err(refuse(format!("its image {} has no parent", rec.image)).into());
+    };
+    let namespace = if parent.pool_namespace.is_empty() {
+        String::new()
+    } else {
+        format!("{}/", parent.pool_namespace)
+    };
+    let parent_image = format!(
+        "{}/{namespace}{}@{}",
+        parent.pool_name, parent.image_name, parent.snap_name
+    );
+    let bar = progress(0, "flatten {bar:40} {percent}% {msg}");
+    bar.set_message(rec.image.clone());
+    let done = img.flatten(|offset, total| {
+        bar.set_length(total);
+        bar.set_position(offset);
+    });
+    bar.finish_and_clear();
+    done.with_context(|| format!("flatten image {}", rec.image))?;
+    // Its own chain is gone; its clones' depth stays as recorded (an
+    // overestimate only makes them flatten sooner).
+    conn.store
+        .layers()
+        .modify(&id, |r| r.depth = 0)
+        .with_context(|| format!("record of layer {id}"))?;
+    let row = Flattened {
+        layer: id.clone(),
+        image: rec.image.clone(),
+        parent_image,
+    };
+    output(&args.common, &row, true, String::new)
 }
