@@ -18,6 +18,10 @@
 //! --rm` of each, `rounds` times after a warm-up; the 60-layer run against
 //! the 1-layer one.
 //!
+//! Memory: the plugin's resident set idle, and its peak while dockerd
+//! loads 10 images of one 64 MiB layer each at once (10 ApplyDiffs in
+//! flight): a streaming ApplyDiff holds a buffer, not the layer.
+//!
 //! ```text
 //! scripts/bench lifecycle      # or, by hand:
 //! scripts/ceph-dev start /tmp/bench-ceph && source /tmp/bench-ceph/env
@@ -311,6 +315,94 @@ fn deep(
     Ok(())
 }
 
+/// `VmRSS` or `VmHWM` of `pid`, bytes.
+fn vm(pid: i32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(kib * 1024)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1 << 20) as f64)
+}
+
+/// The plugin's RSS idle, then its peak during 10 concurrent `docker load`s
+/// of one 64 MiB layer each.
+fn memory(host: &testkit::fleet::FleetHost, dir: &Path) -> Result<()> {
+    const LOADS: usize = 10;
+    const LAYER: usize = 64 << 20;
+    let pid = host.plugin_pid().context("the plugin runs")?;
+    let mut tars = Vec::new();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..LOADS {
+        // Incompressible, and different per image (no shared layer).
+        let data: Vec<u8> = (0..LAYER / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        let layer = testkit::images::Layer::busybox()
+            .map_err(anyhow::Error::msg)?
+            .file("data", data, 0o644);
+        let tar = dir.join(format!("mem{i}.tar"));
+        testkit::images::Image::new(&format!("mem{i}:1"), vec![layer])
+            .write_save_tar(&tar)
+            .map_err(anyhow::Error::msg)?;
+        tars.push(tar);
+    }
+    // Settle, then reset the peak (clear_refs 5) so it covers the loads.
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = vm(pid, "VmRSS")?;
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").context("reset VmHWM")?;
+    let mut loads = Vec::new();
+    for tar in &tars {
+        let mut cmd = host.dockerd().docker_command();
+        cmd.args([
+            "load".as_ref(),
+            "-q".as_ref(),
+            "-i".as_ref(),
+            tar.as_os_str(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+        loads.push(cmd.spawn().context("spawn docker load")?);
+    }
+    let t = Instant::now();
+    let mut sampled = 0;
+    while loads.iter_mut().any(|c| matches!(c.try_wait(), Ok(None))) {
+        sampled = sampled.max(vm(pid, "VmRSS")?);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let wall = t.elapsed();
+    for c in loads {
+        let out = c.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "docker load: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    let peak = vm(pid, "VmHWM")?.max(sampled);
+    println!(
+        "docker-rbd memory (MiB): idle RSS {}; peak RSS during {LOADS} concurrent docker loads of a {} MiB layer each ({} MiB in all, {:.1} s): {}",
+        mib(idle),
+        LAYER >> 20,
+        (LAYER * LOADS) >> 20,
+        wall.as_secs_f64(),
+        mib(peak)
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = args()?;
     // SAFETY: set before any thread starts; testkit reads it to fail
@@ -389,6 +481,7 @@ fn main() -> Result<()> {
         scratch.path(),
         args.rounds,
     )?;
+    memory(&rbd, scratch.path())?;
     drop(rbd);
     drop(fleet);
     Ok(())

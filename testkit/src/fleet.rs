@@ -191,6 +191,11 @@ impl FleetHost {
         &self.host
     }
 
+    /// The pid of its `docker-rbd serve` while it runs.
+    pub fn plugin_pid(&self) -> Option<i32> {
+        self.plugin.as_ref().and_then(Daemon::pid)
+    }
+
     /// Its dockerd (panics while it is down).
     pub fn dockerd(&self) -> &Dockerd {
         self.dockerd.as_ref().expect("the host's dockerd runs")
