@@ -80,6 +80,10 @@ crash_points! {
     /// An init layer's image (a shared one, or a container's own): cloned,
     /// its files not yet written.
     InitCloned => "init-cloned",
+    /// The `Put` after dockerd's create-time `Get` of a container layer:
+    /// what dockerd wrote is spooled and recorded, the overlay still
+    /// mounted, the image not written.
+    StagedSpooled => "staged-spooled",
     /// `Remove`: the record says `Removing`, its snapshot and image are
     /// still there (the background purge has not run).
     RemoveRecorded => "remove-recorded",

@@ -2078,6 +2078,9 @@ const CRASH_SCENARIO: &[Step] = &[
             "box",
             "--network",
             "none",
+            // dockerd makes the working directory at create.
+            "-w",
+            "/work",
             "crash:1",
             "sh",
             "-c",

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use ceph_client::rbd::{self, Image};
 use ceph_client::{IoCtx, Rados};
 use docker_rbd::config::{RawSettings, Settings, Source};
+use docker_rbd::engine::mounts::MountOn;
 use docker_rbd::engine::{CreateOptions, Engine, EngineError};
 use docker_rbd::mapper::fuse::HelperCommand;
 use metadata::{LayerKind, LayerRecord, LayerState};
@@ -849,6 +850,123 @@ fn write_init_files(root: &std::path::Path, hostname: Option<&str>) {
     std::os::unix::fs::symlink("/proc/mounts", root.join("etc/mtab")).unwrap();
     if let Some(name) = hostname {
         std::fs::write(root.join("etc/hostname"), name).unwrap();
+    }
+}
+
+/// How layer `id` is mounted here: `Some(true)` staged for dockerd's
+/// create (an overlay, its image not mapped), `Some(false)` from its own
+/// mapped image, `None` not at all.
+fn staged(engine: &Engine, id: &str) -> Option<bool> {
+    engine.mount_record(id).unwrap().map(|m| {
+        let staged = matches!(m.on, Some(MountOn::Staged { .. }));
+        assert_eq!(staged, m.device.is_none(), "{m:?}");
+        staged
+    })
+}
+
+#[test]
+fn a_container_layer_is_not_mapped_for_dockerds_create_time_get() {
+    let Some(fx) = Fixture::new("container_layer_staged_at_create", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let image = hex(71);
+    engine.create(&image, "", &image_layer()).unwrap();
+    let root = engine.get(&image, "").unwrap();
+    std::fs::write(root.join("in-image"), b"image data").unwrap();
+    engine.put(&image).unwrap();
+    let init = format!("{}-init", hex(72));
+    engine.create(&init, &image, &init_layer()).unwrap();
+    write_init_files(&engine.get(&init, "").unwrap(), None);
+    engine.put(&init).unwrap();
+    assert!(fx.record(&engine, &init).unwrap().shared_init().is_some());
+
+    // dockerd's create: Get, nothing written, Put. The image is never
+    // mapped; the overlay shows the layer's files.
+    let quiet = hex(73);
+    engine.create(&quiet, &init, &rw_layer(None)).unwrap();
+    let root = engine.get(&quiet, "").unwrap();
+    assert_eq!(staged(&engine, &quiet), Some(true));
+    assert_eq!(std::fs::read(root.join("in-image")).unwrap(), b"image data");
+    assert!(root.join(".dockerenv").exists());
+    engine.put(&quiet).unwrap();
+    assert_eq!(staged(&engine, &quiet), None);
+    // The start maps it, and what the container writes is in its image.
+    let root = engine.get(&quiet, "").unwrap();
+    assert_eq!(staged(&engine, &quiet), Some(false));
+    std::fs::write(root.join("run"), b"written while running").unwrap();
+    engine.put(&quiet).unwrap();
+    let root = engine.get(&quiet, "").unwrap();
+    assert_eq!(staged(&engine, &quiet), Some(false));
+    assert_eq!(
+        std::fs::read(root.join("run")).unwrap(),
+        b"written while running"
+    );
+    engine.put(&quiet).unwrap();
+
+    // dockerd writes at create (a working directory, a volume
+    // mountpoint): it is put into the image at the Put.
+    let busy = hex(74);
+    engine.create(&busy, &init, &rw_layer(None)).unwrap();
+    let root = engine.get(&busy, "").unwrap();
+    assert_eq!(staged(&engine, &busy), Some(true));
+    std::fs::create_dir_all(root.join("app/data")).unwrap();
+    std::fs::write(root.join("app/config"), b"made at create").unwrap();
+    std::fs::remove_file(root.join("in-image")).unwrap();
+    engine.put(&busy).unwrap();
+    assert_eq!(staged(&engine, &busy), None);
+    let stage = fx.home.path().join("stage");
+    let left: Vec<_> = std::fs::read_dir(&stage)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", stage.display());
+    let root = engine.get(&busy, "").unwrap();
+    assert_eq!(staged(&engine, &busy), Some(false));
+    assert_eq!(
+        std::fs::read(root.join("app/config")).unwrap(),
+        b"made at create"
+    );
+    assert!(root.join("app/data").is_dir());
+    assert!(
+        !root.join("in-image").exists(),
+        "a deletion at create came back"
+    );
+    assert!(root.join(".dockerenv").exists());
+    engine.put(&busy).unwrap();
+
+    // Only the first Get is staged, and only while nothing else holds it:
+    // a second Get of a staged layer counts one more user of the overlay.
+    let twice = hex(75);
+    engine.create(&twice, &init, &rw_layer(None)).unwrap();
+    let first = engine.get(&twice, "").unwrap();
+    let second = engine.get(&twice, "").unwrap();
+    assert_eq!(first, second);
+    assert_eq!(engine.mount_record(&twice).unwrap().unwrap().refcount, 2);
+    engine.put(&twice).unwrap();
+    assert_eq!(staged(&engine, &twice), Some(true));
+    // A staged layer cannot be a parent until it is put (its files are
+    // not in its image yet).
+    let child = hex(76);
+    let e = engine.create(&child, &twice, &image_layer()).unwrap_err();
+    assert!(
+        e.to_string().contains("mounted for dockerd's create"),
+        "{e}"
+    );
+    engine.put(&twice).unwrap();
+    assert_eq!(staged(&engine, &twice), None);
+    engine.remove(&twice).unwrap();
+
+    // A layer with a size option is mapped at once (its filesystem is not
+    // the shared layer's size).
+    let sized = hex(77);
+    engine
+        .create(&sized, &init, &rw_layer(Some(20 << 30)))
+        .unwrap();
+    engine.get(&sized, "").unwrap();
+    assert_eq!(staged(&engine, &sized), Some(false));
+    engine.put(&sized).unwrap();
+    for id in [&sized, &busy, &quiet] {
+        engine.remove(id).unwrap();
     }
 }
 

@@ -63,9 +63,9 @@ use crate::names::{LayerId, SEALED_SNAP};
 /// it needs before giving the init layer an image of its own.
 const SHARED_BUILD_WAIT: Duration = Duration::from_secs(30);
 
-/// What dockerd wrote into a pending init layer.
-struct Written {
-    changes: Vec<LayerChange>,
+/// What dockerd wrote into a pending init layer (or a staged one).
+pub(crate) struct Written {
+    pub(crate) changes: Vec<LayerChange>,
     fingerprint: String,
 }
 
@@ -292,7 +292,13 @@ impl Engine {
 
     /// What dockerd wrote into a pending init layer mounted at `merged`
     /// over `lower`, its overlay changes in `upper`.
-    fn written(&self, id: &LayerId, merged: &Path, lower: &Path, upper: &Path) -> Result<Written> {
+    pub(crate) fn written(
+        &self,
+        id: &LayerId,
+        merged: &Path,
+        lower: &Path,
+        upper: &Path,
+    ) -> Result<Written> {
         let changes = match scan_upper(upper, lower).map_err(io("read", upper))? {
             Some(changes) => changes,
             None => {

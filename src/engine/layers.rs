@@ -130,6 +130,7 @@ impl Engine {
             }
         }
 
+        let mut parent_rec = None;
         let (source, depth, source_size) = match &parent {
             None => (self.ensure_base()?, 0, self.settings.base_size),
             Some(p) => {
@@ -148,7 +149,9 @@ impl Engine {
                     });
                 }
                 self.seal(p, &prec)?;
-                (prec.image.clone(), prec.depth + 1, prec.size)
+                let made = (prec.image.clone(), prec.depth + 1, prec.size);
+                parent_rec = Some(prec);
+                made
             }
         };
         let flatten = depth > self.settings.flatten_depth;
@@ -212,6 +215,9 @@ impl Engine {
                     done.depth = 0;
                 }
                 layers.replace(id.as_str(), &created, &done)?;
+                if opts.size.is_none() {
+                    self.note_fresh(&id, &done, parent_rec.as_ref());
+                }
                 tracing::info!(%image, %source, depth = done.depth, flatten, size, "layer created");
                 Ok(())
             }

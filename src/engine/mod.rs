@@ -38,6 +38,7 @@ pub mod mounts;
 pub mod purge;
 pub mod reaper;
 pub mod space;
+mod staged;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -250,6 +251,7 @@ pub struct Engine {
     locks: LayerLocks,
     lease: Option<lease::HostLease>,
     space: space::SpaceCache,
+    fresh: staged::FreshLayers,
 }
 
 impl Engine {
@@ -300,6 +302,7 @@ impl Engine {
             locks: LayerLocks::default(),
             lease: Some(lease),
             space: space::SpaceCache::default(),
+            fresh: staged::FreshLayers::default(),
         };
         engine.recover();
         Ok(engine)
@@ -360,6 +363,7 @@ impl Engine {
     /// for `docker-rbd fsck` to report.
     pub fn recover(&self) {
         self.recover_mounts();
+        self.recover_staged();
         self.recover_layers();
     }
 

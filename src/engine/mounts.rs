@@ -79,7 +79,8 @@ impl MountRecord {
     }
 }
 
-/// How an init layer without an image of its own is mounted.
+/// How a layer is mounted when not from its own image: an init layer
+/// without an image of its own, or a container's layer at create.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MountOn {
@@ -96,6 +97,15 @@ pub enum MountOn {
         /// The overlay's upper directory (beside its work directory).
         upper: PathBuf,
     },
+    /// A container's read-write layer at dockerd's create-time `Get`
+    /// (see `engine::staged`): an overlay over the mount of shared init
+    /// layer `lower`, whose files its image holds.
+    Staged {
+        /// The shared init layer.
+        lower: String,
+        /// The overlay's upper directory (beside its work directory).
+        upper: PathBuf,
+    },
 }
 
 impl MountOn {
@@ -103,7 +113,7 @@ impl MountOn {
     pub fn layer(&self) -> &str {
         match self {
             MountOn::Layer { layer } => layer,
-            MountOn::Overlay { lower, .. } => lower,
+            MountOn::Overlay { lower, .. } | MountOn::Staged { lower, .. } => lower,
         }
     }
 }
@@ -146,6 +156,12 @@ impl Engine {
         {
             // dockerd has written the init layer's files.
             return self.finish_pending_init(&id, &m, lower, upper);
+        }
+        if m.state == MountState::Mounted
+            && m.refcount == 1
+            && let Some(MountOn::Staged { lower, upper }) = &m.on
+        {
+            return self.finish_staged(&id, &m, lower, upper);
         }
         self.put_record(&id, m)
     }
@@ -219,7 +235,8 @@ impl Engine {
     }
 
     /// `get` with the layer's lock held. `creating` allows a layer still
-    /// being created (for the size step of `create`).
+    /// being created (for the size step of `create`) and marks an internal
+    /// mount: a container layer's create-time staging is skipped.
     pub(crate) fn get_locked(
         &self,
         id: &LayerId,
@@ -259,6 +276,13 @@ impl Engine {
                 return self.get_shared_init_user(id, &rec, layer, mount_label);
             }
             None => {}
+        }
+        if rec.kind == metadata::LayerKind::ReadWrite && !creating {
+            // What dockerd wrote at create, if it is not in the image yet.
+            self.apply_staged(id)?;
+            if let Some(staged) = self.get_staged(id, &rec, mount_label)? {
+                return Ok(staged);
+            }
         }
         if !rec.sealed {
             // A writable mapping writes at once (the image's header, the
@@ -339,7 +363,8 @@ impl Engine {
                 self.local.remove(&MOUNTS, id.as_str())?;
                 return self.put_locked(&LayerId::parse(layer)?);
             }
-            Some(MountOn::Overlay { lower, upper }) => {
+            // `lock_layer` of `id` holds `lower` too: the record names it.
+            Some(MountOn::Overlay { lower, upper } | MountOn::Staged { lower, upper }) => {
                 return self.drop_overlay(id, m, lower, upper);
             }
             None => {}
@@ -385,12 +410,18 @@ impl Engine {
             }
             self.release(id, &m)?;
         }
-        Ok(())
+        self.forget_staged(id)
     }
 
     /// Whether a layer is mounted writable here, and if so freezes it.
     pub(crate) fn freeze_if_mounted_writable(&self, id: &LayerId) -> Result<Option<fs::Frozen>> {
         match self.local.get(&MOUNTS, id.as_str())? {
+            Some(m) if matches!(m.on, Some(MountOn::Staged { .. })) => Err(EngineError::Conflict {
+                layer: id.to_string(),
+                reason: "is mounted for dockerd's create (its writes are not in its image yet): \
+                         put it first"
+                    .into(),
+            }),
             Some(m) if m.state == MountState::Mounted && !m.read_only => {
                 tracing::info!(layer = %id, "freezing a writable mount for a consistent snapshot");
                 fs::freeze(&m.mountpoint)
