@@ -21,6 +21,11 @@
 //!   ([`Engine::recover`]).
 //! - **pool space** ([`space`]): requests that would write to a full pool
 //!   are refused at once.
+//! - **init layers** (`init`) and **container layers at create**
+//!   (`staged`): a container's init layer is a record served by a shared
+//!   sealed init layer, and dockerd's create-time `Get` of the container's
+//!   own layer is an overlay over that layer's mount: starting a container
+//!   costs one clone, no snapshot, and one mapping.
 //!
 //! Concurrency: every operation on a layer holds that layer's lock within
 //! this daemon (`locks`); an operation touching a layer and its parent
