@@ -293,8 +293,11 @@ pub fn or_dash(s: &str) -> String {
 
 /// The cluster connection of a command.
 pub struct Conn {
-    /// The connection, open as long as the store is used.
-    pub rados: ceph_client::Rados,
+    /// The connection. Never shut down: every command ends in
+    /// [`exit_now`], and `rados_shutdown` while librbd's threads still
+    /// finish an operation (a removal's, say) can abort the process
+    /// (`pthread_mutex_lock: Assertion ... failed`) after the work is done.
+    pub rados: std::mem::ManuallyDrop<ceph_client::Rados>,
     /// The fleet's records.
     pub store: Store,
     /// The settings in force.
@@ -313,7 +316,7 @@ impl Conn {
         let (rados, ioctx) = docker_rbd::engine::connect_with(&settings, extra, false)?;
         let store = Store::new(ioctx, settings.naming.metadata_prefix());
         Ok(Conn {
-            rados,
+            rados: std::mem::ManuallyDrop::new(rados),
             store,
             settings,
         })

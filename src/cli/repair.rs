@@ -59,7 +59,6 @@ pub fn fsck(args: &FsckArgs) -> Result<()> {
         table(&["PROBLEM", "NAME", "IMAGE", "GC", "DETAIL"], &cells)
     })?;
     if !problems.is_empty() {
-        drop(conn);
         super::exit_now(PROBLEMS_FOUND);
     }
     Ok(())
