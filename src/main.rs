@@ -429,7 +429,7 @@ fn takeover(args: TakeoverArgs) -> Result<()> {
         );
     }
     let cluster = docker_rbd::fleet::takeover::Cluster {
-        rados: &*conn.rados,
+        rados: &conn.rados,
         store: &conn.store,
         naming: &conn.settings.naming,
     };
