@@ -853,6 +853,65 @@ fn write_init_files(root: &std::path::Path, hostname: Option<&str>) {
     }
 }
 
+/// When the shared init layer it would use cannot be used (here: being
+/// retired), an init layer gets an image of its own, holding the files
+/// dockerd wrote (not only its parent's).
+#[test]
+fn an_init_layer_that_cannot_share_gets_its_files_in_an_image_of_its_own() {
+    let Some(fx) = Fixture::new("init_layer_of_its_own_has_its_files", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let image = hex(81);
+    engine.create(&image, "", &image_layer()).unwrap();
+    std::fs::write(engine.get(&image, "").unwrap().join("in-image"), b"x").unwrap();
+    engine.put(&image).unwrap();
+    let first = format!("{}-init", hex(82));
+    engine.create(&first, &image, &init_layer()).unwrap();
+    write_init_files(&engine.get(&first, "").unwrap(), Some("own"));
+    engine.put(&first).unwrap();
+    let shared = fx
+        .record(&engine, &first)
+        .unwrap()
+        .shared_init()
+        .expect("served by a shared init layer")
+        .to_string();
+    // The shared layer is on its way out: not to be used by new inits.
+    engine
+        .store()
+        .layers()
+        .modify(&shared, |r| r.state = LayerState::Retired)
+        .unwrap();
+
+    let own = format!("{}-init", hex(83));
+    engine.create(&own, &image, &init_layer()).unwrap();
+    write_init_files(&engine.get(&own, "").unwrap(), Some("own"));
+    engine.put(&own).unwrap();
+    let rec = fx.record(&engine, &own).unwrap();
+    assert_eq!(rec.init, None, "{rec:?}");
+    assert!(fx.images().contains(&rec.image), "{rec:?}");
+    let left: Vec<_> = std::fs::read_dir(fx.home.path().join("init"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in <Home>/init: {left:?}");
+    // Its image holds dockerd's files, seen through a container's layer.
+    let rw = hex(84);
+    engine.create(&rw, &own, &rw_layer(None)).unwrap();
+    let root = engine.get(&rw, "").unwrap();
+    assert!(
+        root.join(".dockerenv").exists(),
+        "the init files are not in its image"
+    );
+    assert_eq!(std::fs::read(root.join("etc/hostname")).unwrap(), b"own");
+    assert_eq!(std::fs::read(root.join("in-image")).unwrap(), b"x");
+    engine.put(&rw).unwrap();
+    engine
+        .store()
+        .layers()
+        .modify(&shared, |r| r.state = LayerState::Created)
+        .unwrap();
+}
+
 /// How layer `id` is mounted here: `Some(true)` staged for dockerd's
 /// create (an overlay, its image not mapped), `Some(false)` from its own
 /// mapped image, `None` not at all.

@@ -63,6 +63,18 @@ use crate::names::{LayerId, SEALED_SNAP};
 /// it needs before giving the init layer an image of its own.
 const SHARED_BUILD_WAIT: Duration = Duration::from_secs(30);
 
+/// What [`Engine::materialize`] writes into a new image.
+enum Files<'a> {
+    /// `changes`, read from the directory `from` (a mount of another
+    /// layer than the one being made).
+    Dir {
+        changes: &'a [LayerChange],
+        from: &'a Path,
+    },
+    /// A tar file of them.
+    Tar(&'a Path),
+}
+
 /// What dockerd wrote into a pending init layer (or a staged one).
 pub(crate) struct Written {
     pub(crate) changes: Vec<LayerChange>,
@@ -192,7 +204,7 @@ impl Engine {
             Err(e) => {
                 tracing::warn!(layer = %id, error = %e, "cannot mount an overlay for the init layer; it gets an image of its own");
                 self.release(id, &m)?;
-                self.make_own_init(id, &[], &target)?;
+                self.make_own_init(id, None)?;
                 self.get_locked(id, mount_label, false)
             }
         }
@@ -253,7 +265,10 @@ impl Engine {
 
     /// The last `Put` of a pending init layer: serve it from the shared
     /// init layer holding the same files (made now if there is none), or
-    /// give it an image of its own; then drop the overlay.
+    /// give it an image of its own; then drop the overlay. For an image of
+    /// its own, the files are spooled first and written once the overlay
+    /// is gone: while the overlay's mount record stands, a mount of the
+    /// layer is the overlay itself.
     pub(crate) fn finish_pending_init(
         &self,
         id: &LayerId,
@@ -278,16 +293,27 @@ impl Engine {
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "init layer served by a shared init layer"
                     );
+                    Ok(None)
                 }
                 None => {
-                    self.make_own_init(id, &written.changes, &m.mountpoint)?;
-                    tracing::info!(layer = %id, "init layer got an image of its own");
+                    let spool = self.init_dir(id).with_extension("tar");
+                    self.spool_changes(id, &m.mountpoint, &written.changes, &spool)?;
+                    Ok(Some(spool))
                 }
             }
-            Ok(())
         })();
         let dropped = self.drop_overlay(id, m, lower, upper);
-        result.and(dropped)
+        let spool = match (result, dropped) {
+            (Ok(spool), Ok(())) => spool,
+            (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
+        };
+        if let Some(spool) = spool {
+            let made = self.make_own_init(id, Some(&spool));
+            let _ = std::fs::remove_file(&spool);
+            made?;
+            tracing::info!(layer = %id, "init layer got an image of its own");
+        }
+        Ok(())
     }
 
     /// What dockerd wrote into a pending init layer mounted at `merged`
@@ -370,8 +396,12 @@ impl Engine {
                 Err(metadata::Error::Exists { .. }) => continue,
                 Err(e) => return Err(e.into()),
             };
+            let files = Files::Dir {
+                changes: &written.changes,
+                from: merged,
+            };
             let made = self
-                .materialize(shared, &prec.image, &record.image, &written.changes, merged)
+                .materialize(shared, &prec.image, &record.image, files)
                 .and_then(|size| {
                     let img = Image::open(&self.ioctx, &record.image, None)
                         .map_err(ceph("open", shared))?;
@@ -426,9 +456,9 @@ impl Engine {
     }
 
     /// Gives pending init layer `id` an image of its own: its parent's
-    /// clone with `changes` (read from `merged`) written. Recorded
+    /// clone with the changes in tar file `spool` written. Recorded
     /// `Creating` first, so a crash is rolled back like any create.
-    fn make_own_init(&self, id: &LayerId, changes: &[LayerChange], merged: &Path) -> Result<()> {
+    fn make_own_init(&self, id: &LayerId, spool: Option<&Path>) -> Result<()> {
         let layers = self.store.layers();
         let marked = layers.update(id.as_str(), |current| match current {
             Some(r) if r.init == Some(InitContent::Pending) => Ok(Some(LayerRecord {
@@ -446,7 +476,14 @@ impl Engine {
         };
         let parent = LayerId::parse(record.parent.as_deref().unwrap_or_default())?;
         let prec = self.record(&parent)?;
-        let made = self.materialize(id, &prec.image, &record.image, changes, merged);
+        let files = match spool {
+            Some(path) => Files::Tar(path),
+            None => Files::Dir {
+                changes: &[],
+                from: Path::new("/"),
+            },
+        };
+        let made = self.materialize(id, &prec.image, &record.image, files);
         let current = layers
             .get(id.as_str())?
             .ok_or_else(|| init_err(id, "its record vanished while it was being made"))?;
@@ -470,15 +507,14 @@ impl Engine {
         }
     }
 
-    /// Clones `source@sealed` to `image` for layer `id` and writes
-    /// `changes` (read from `from`) into it. Returns the image size.
+    /// Clones `source@sealed` to `image` for layer `id` and writes `files`
+    /// into it. Returns the image size.
     fn materialize(
         &self,
         id: &LayerId,
         source: &str,
         image: &str,
-        changes: &[LayerChange],
-        from: &Path,
+        files: Files<'_>,
     ) -> Result<u64> {
         rbd::clone(
             &self.ioctx,
@@ -490,15 +526,21 @@ impl Engine {
         )
         .map_err(ceph("clone", id))?;
         crashpoint::reached(CrashPoint::InitCloned);
-        if !changes.is_empty() {
+        let empty = matches!(files, Files::Dir { changes, .. } if changes.is_empty());
+        if !empty {
             let root = self.get_locked(id, "", true)?;
             let identity = IdMappings::identity();
-            let applied = export_changes(from, changes, &identity)
-                .map_err(|e| init_err(id, error_chain(&e)))
-                .and_then(|mut tar| {
-                    apply_layer(&root, &mut tar as &mut dyn Read, &identity)
-                        .map_err(|e| init_err(id, error_chain(&e)))
-                });
+            let tar: Result<Box<dyn Read>> = match files {
+                Files::Dir { changes, from } => export_changes(from, changes, &identity)
+                    .map(|t| Box::new(t) as Box<dyn Read>)
+                    .map_err(|e| init_err(id, error_chain(&e))),
+                Files::Tar(path) => std::fs::File::open(path)
+                    .map(|f| Box::new(f) as Box<dyn Read>)
+                    .map_err(io("open", path)),
+            };
+            let applied = tar.and_then(|mut tar| {
+                apply_layer(&root, &mut tar, &identity).map_err(|e| init_err(id, error_chain(&e)))
+            });
             let put = self.put_locked(id);
             applied?;
             put?;

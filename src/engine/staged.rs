@@ -180,17 +180,7 @@ impl Engine {
             .join("stage")
             .join(format!("{}.tar", id.file_name()));
         let spooled = (|| -> Result<()> {
-            if let Some(dir) = spool.parent() {
-                std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-            }
-            let identity = IdMappings::identity();
-            let mut tar = export_changes(&m.mountpoint, &changes, &identity)
-                .map_err(|e| staged_err(id, error_chain(&e)))?;
-            let mut file = File::create(&spool).map_err(io("create", &spool))?;
-            std::io::copy(&mut tar, &mut file).map_err(io("write", &spool))?;
-            file.flush()
-                .and_then(|()| file.sync_all())
-                .map_err(io("write", &spool))?;
+            self.spool_changes(id, &m.mountpoint, &changes, &spool)?;
             self.local.put(
                 &STAGED,
                 id.as_str(),
@@ -214,6 +204,28 @@ impl Engine {
             "what dockerd wrote at create is in the layer's image"
         );
         Ok(())
+    }
+
+    /// Writes `changes` of layer `id`, read from `merged`, as a tar file at
+    /// `spool` (synced).
+    pub(crate) fn spool_changes(
+        &self,
+        id: &LayerId,
+        merged: &Path,
+        changes: &[graphdriver_api::diff::LayerChange],
+        spool: &Path,
+    ) -> Result<()> {
+        if let Some(dir) = spool.parent() {
+            std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        }
+        let identity = IdMappings::identity();
+        let mut tar = export_changes(merged, changes, &identity)
+            .map_err(|e| staged_err(id, error_chain(&e)))?;
+        let mut file = File::create(spool).map_err(io("create", spool))?;
+        std::io::copy(&mut tar, &mut file).map_err(io("write", spool))?;
+        file.flush()
+            .and_then(|()| file.sync_all())
+            .map_err(io("write", spool))
     }
 
     /// Applies a recorded spool of layer `id` to its image (lock held),
