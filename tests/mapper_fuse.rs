@@ -777,14 +777,21 @@ fn process_name(pid: i32) -> String {
         .to_string()
 }
 
-/// The one standby waiting for an image (it is started right after a map).
+/// The one standby waiting for an image. It is started right after a map
+/// and names itself once it runs: waits up to 10 s for that.
 fn waiting_standby(run: &Path) -> i32 {
-    let waiting: Vec<i32> = standbys(run)
-        .into_iter()
-        .filter(|&pid| process_name(pid) == docker_rbd::mapper::fuse::serve::STANDBY_NAME)
-        .collect();
-    assert_eq!(waiting.len(), 1, "waiting standbys: {waiting:?}");
-    waiting[0]
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: Vec<i32> = standbys(run)
+            .into_iter()
+            .filter(|&pid| process_name(pid) == docker_rbd::mapper::fuse::serve::STANDBY_NAME)
+            .collect();
+        if waiting.len() == 1 || std::time::Instant::now() >= deadline {
+            assert_eq!(waiting.len(), 1, "waiting standbys: {waiting:?}");
+            return waiting[0];
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
