@@ -10,6 +10,10 @@
 //!   mounts);
 //! - opening the engine over them (an `Init`: connect, lease, recovery of
 //!   every record);
+//! - a second, diskless host's `Init` with hydrate: the same layers as
+//!   Docker's, in images of 10 layers with a tag each, written into a
+//!   fresh dockerd root (every layer held by the new host, its layer
+//!   database, image configs and tags);
 //! - removing every layer (retire and purge, as `Remove` and the background
 //!   purge do), reported per layer.
 //!
@@ -214,12 +218,96 @@ fn main() -> Result<()> {
 
     drop(engine);
     let t = Instant::now();
-    let engine = Engine::open_with(cluster.settings()?, home.path(), helper)?;
+    let engine = Engine::open_with(cluster.settings()?, home.path(), helper.clone())?;
     rows.push((
         "Init (open, lease, recovery)".into(),
         t.elapsed(),
         "once".into(),
     ));
+
+    // Docker's records of the layers: images of 10 layers, a tag each.
+    let per_image = 10;
+    let diff = |i: usize| format!("sha256:{:064x}", i + 0xd1ff_0000);
+    let chain = |i: usize| {
+        let start = i - i % per_image;
+        let diffs: Vec<String> = (start..=i).map(diff).collect();
+        let refs: Vec<&str> = diffs.iter().map(String::as_str).collect();
+        docker_rbd::fleet::hydrate::chain_id(&refs).expect("a chain")
+    };
+    let store = engine.store();
+    let me = std::collections::BTreeSet::from([engine.host_id().to_string()]);
+    parallel(layers, threads, |i| {
+        let rec = metadata::DockerLayerRecord {
+            diff_id: diff(i),
+            size: 0,
+            cache_id: id(i + 1),
+            parent: (i % per_image != 0).then(|| chain(i - 1)),
+            descriptor: None,
+            tar_split: None,
+            holders: me.clone(),
+        };
+        store.docker_layers().create(&chain(i), &rec)?;
+        if i % per_image == per_image - 1 || i == layers - 1 {
+            let start = i - i % per_image;
+            let diffs: Vec<String> = (start..=i).map(|d| format!("\"{}\"", diff(d))).collect();
+            let config = format!(
+                r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
+                diffs.join(",")
+            );
+            let image_id = docker_rbd::digest::docker_digest(config.as_bytes());
+            store.docker_images().create(
+                &image_id,
+                &metadata::DockerImageRecord {
+                    config,
+                    parent: None,
+                    last_updated: None,
+                    holders: me.clone(),
+                },
+            )?;
+            let repo = format!("scale{}", i / per_image);
+            store.docker_tags().create(
+                &format!("{repo}:latest"),
+                &metadata::DockerTagRecord {
+                    repository: repo,
+                    image: image_id,
+                    holders: me.clone(),
+                },
+            )?;
+        }
+        Ok(())
+    })?;
+    let images = layers.div_ceil(per_image);
+    let diskless = tempfile::tempdir()?;
+    let home2 = diskless.path().join("docker").join("rbd");
+    std::fs::create_dir_all(&home2)?;
+    let mut settings2 = cluster.settings()?;
+    settings2.host_id = Some("scale-bench-diskless".into());
+    let t = Instant::now();
+    let engine2 = std::sync::Arc::new(Engine::open_with(settings2, &home2, helper.clone())?);
+    let fleet = docker_rbd::fleet::Fleet::start(engine2.clone(), true)?;
+    let hydrated = t.elapsed();
+    let report = fleet.hydrate_report();
+    if report.layers != layers || report.images != images || !report.skipped.is_empty() {
+        bail!(
+            "hydrate wrote {} layers and {} images of {layers} and {images}; skipped: {:?}",
+            report.layers,
+            report.images,
+            report.skipped.iter().take(3).collect::<Vec<_>>()
+        );
+    }
+    rows.push((
+        format!("Init with hydrate ({layers} layers, {images} images)"),
+        hydrated,
+        "once, a fresh host".into(),
+    ));
+    drop(fleet);
+    // The diskless host lets go of every layer again.
+    parallel(layers, threads, |i| {
+        engine2
+            .remove(&id(i + 1))
+            .with_context(|| format!("release layer {i} on the second host"))
+    })?;
+    drop(engine2);
 
     let t = Instant::now();
     parallel(layers, threads, |i| {
