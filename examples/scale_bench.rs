@@ -301,6 +301,7 @@ fn main() -> Result<()> {
         "once, a fresh host".into(),
     ));
     drop(fleet);
+    let mount_dir2 = engine2.mount_dir().to_path_buf();
     // The diskless host lets go of every layer again.
     parallel(layers, threads, |i| {
         engine2
@@ -308,6 +309,7 @@ fn main() -> Result<()> {
             .with_context(|| format!("release layer {i} on the second host"))
     })?;
     drop(engine2);
+    let _ = std::fs::remove_dir(mount_dir2);
 
     let t = Instant::now();
     parallel(layers, threads, |i| {
@@ -331,7 +333,10 @@ fn main() -> Result<()> {
         removed.as_secs_f64() * 1000.0 / layers as f64
     );
 
+    let mount_dir = engine.mount_dir().to_path_buf();
     drop(engine);
+    // Its (empty) directory under rbd.mountroot.
+    let _ = std::fs::remove_dir(mount_dir);
     cleanup_namespace(&cluster)
 }
 

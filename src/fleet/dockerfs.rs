@@ -355,6 +355,17 @@ impl DockerRoot {
     /// Fills a staged directory with `files` and renames it to `target`,
     /// which must not exist.
     fn place_dir(&self, target: &Path, files: &[(&str, Option<&[u8]>)]) -> Result<(), FileError> {
+        self.place_dir_with(target, files, true)
+    }
+
+    /// [`DockerRoot::place_dir`]; without `sync`, nothing is fsynced (the
+    /// caller syncs the whole file system once, [`DockerRoot::sync`]).
+    fn place_dir_with(
+        &self,
+        target: &Path,
+        files: &[(&str, Option<&[u8]>)],
+        sync: bool,
+    ) -> Result<(), FileError> {
         let name = target
             .file_name()
             .and_then(|n| n.to_str())
@@ -363,35 +374,60 @@ impl DockerRoot {
         let staged = self.stage(&name)?;
         for (file, bytes) in files {
             if let Some(bytes) = bytes {
-                write_synced(&staged.join(file), bytes)?;
+                let path = staged.join(file);
+                if sync {
+                    write_synced(&path, bytes)?;
+                } else {
+                    std::fs::write(&path, bytes).map_err(ferr("write", &path))?;
+                }
             }
         }
-        sync_dir(&staged)?;
+        if sync {
+            sync_dir(&staged)?;
+        }
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(ferr("create", parent))?;
         }
         std::fs::rename(&staged, target).map_err(ferr("rename into place", target))?;
-        if let Some(parent) = target.parent() {
+        if sync && let Some(parent) = target.parent() {
             sync_dir(parent)?;
         }
         Ok(())
     }
 
-    /// Writes layer `chain` unless it is there.
+    /// Flushes everything written under the root to disk (`syncfs`).
+    pub fn sync(&self) -> Result<(), FileError> {
+        let dir = std::fs::File::open(&self.root).map_err(ferr("open", &self.root))?;
+        // SAFETY: syncfs takes a descriptor we own for the call's duration.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+            return Err(ferr("syncfs", &self.root)(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Writes layer `chain` unless it is there. A directory of it that is
+    /// not whole (a power cut before an unsynced write reached the disk;
+    /// dockerd itself renames only whole ones into place) is written
+    /// again. Without `sync`, see [`DockerRoot::place_dir_with`].
     pub fn write_layer(
         &self,
         chain: &str,
         layer: &LocalLayer,
         tar_split: Option<&[u8]>,
+        sync: bool,
     ) -> Result<bool, FileError> {
         let Some(target) = self.layer_dir(chain) else {
             return Ok(false);
         };
         if target.exists() {
-            return Ok(false);
+            if matches!(read_layer(&target), Ok(Some(_))) {
+                return Ok(false);
+            }
+            tracing::warn!(layer = chain, dir = %target.display(), "rewriting a layer directory that is not whole");
+            std::fs::remove_dir_all(&target).map_err(ferr("remove", &target))?;
         }
         let size = layer.size.to_string();
-        self.place_dir(
+        self.place_dir_with(
             &target,
             &[
                 ("diff", Some(layer.diff_id.as_bytes())),
@@ -404,6 +440,7 @@ impl DockerRoot {
                 ),
                 ("tar-split.json.gz", tar_split),
             ],
+            sync,
         )?;
         Ok(true)
     }
@@ -658,13 +695,22 @@ mod tests {
             descriptor: None,
             has_tar_split: true,
         };
-        assert!(root.write_layer(&chain, &layer, Some(b"gz")).unwrap());
+        assert!(root.write_layer(&chain, &layer, Some(b"gz"), true).unwrap());
         assert!(
-            !root.write_layer(&chain, &layer, None).unwrap(),
+            !root.write_layer(&chain, &layer, None, false).unwrap(),
             "never overwritten"
         );
         assert_eq!(root.layers().unwrap().get(&chain), Some(&layer));
         assert!(!root.layer_dir(&chain).unwrap().join("parent").exists());
+        // A directory that is not whole (its unsynced files lost in a
+        // power cut) is written again, unsynced this time, then synced.
+        std::fs::write(root.layer_dir(&chain).unwrap().join("size"), b"").unwrap();
+        assert!(!root.layers().unwrap().contains_key(&chain));
+        assert!(root.write_layer(&chain, &layer, None, false).unwrap());
+        root.sync().unwrap();
+        let mut whole = layer.clone();
+        whole.has_tar_split = false;
+        assert_eq!(root.layers().unwrap().get(&chain), Some(&whole));
 
         let id = "d".repeat(64);
         let c = LocalContainer {

@@ -63,6 +63,10 @@ impl Inner {
         let store = self.engine.store();
 
         // Layers, parents first: a layer is written once its parent is here.
+        // Unsynced, then the file system synced once: the layer database
+        // is thousands of small files, and a sync each was most of the
+        // time (a layer directory left not whole by a power cut meanwhile
+        // is written again by the next hydrate).
         let mut local = self.root.layers()?;
         let mut pending: BTreeMap<String, DockerLayerRecord> =
             readable(&store.docker_layers(), &mut report)?
@@ -70,6 +74,7 @@ impl Inner {
                 .filter(|(chain, _)| !local.contains_key(chain))
                 .map(|(chain, r)| (chain, r.value))
                 .collect();
+        let mut held = self.hold_all(pending.values().map(|r| r.cache_id.as_str()));
         loop {
             let ready: Vec<String> = pending
                 .iter()
@@ -81,11 +86,15 @@ impl Inner {
             }
             for chain in ready {
                 let rec = pending.remove(&chain).expect("listed above");
-                if let Some(layer) = self.hydrate_layer(&chain, &rec, &mut report)? {
+                let hold = held
+                    .remove(&rec.cache_id)
+                    .unwrap_or_else(|| self.engine.hold(&rec.cache_id));
+                if let Some(layer) = self.hydrate_layer(&chain, &rec, hold, &mut report)? {
                     local.insert(chain, layer);
                 }
             }
         }
+        self.root.sync()?;
         for (chain, rec) in pending {
             report.skip(format!(
                 "layer {chain}: its parent {} is not in the fleet",
@@ -198,17 +207,19 @@ impl Inner {
     }
 
     /// Writes one layer if its driver layer can be held here; returns it.
+    /// `hold` is the result of [`Engine::hold`] of its driver layer.
     fn hydrate_layer(
         &self,
         chain: &str,
         rec: &DockerLayerRecord,
+        hold: crate::engine::Result<bool>,
         report: &mut HydrateReport,
     ) -> Result<Option<LocalLayer>, FleetError> {
         if self.root.layer_dir(chain).is_none() {
             report.skip(format!("layer {chain}: not a sha256 chain id"));
             return Ok(None);
         }
-        match self.engine.hold(&rec.cache_id) {
+        match hold {
             Ok(true) => {}
             Ok(false) => {
                 report.skip(format!(
@@ -258,10 +269,44 @@ impl Inner {
             descriptor: rec.descriptor.clone(),
             has_tar_split: tar_split.is_some(),
         };
-        if self.root.write_layer(chain, &layer, tar_split.as_deref())? {
+        if self
+            .root
+            .write_layer(chain, &layer, tar_split.as_deref(), false)?
+        {
             report.layers += 1;
         }
         Ok(Some(layer))
+    }
+
+    /// Holds (adds this host to the holders of) each driver layer of
+    /// `cache_ids`, several at a time: one compare-and-set each, round
+    /// trips that overlap. The result of each, by layer.
+    fn hold_all<'a>(
+        &self,
+        cache_ids: impl Iterator<Item = &'a str>,
+    ) -> std::collections::HashMap<String, crate::engine::Result<bool>> {
+        const THREADS: usize = 8;
+        let ids: Vec<&str> = cache_ids.collect::<BTreeSet<_>>().into_iter().collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results = std::sync::Mutex::new(std::collections::HashMap::new());
+        std::thread::scope(|s| {
+            for _ in 0..THREADS.min(ids.len()) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(id) = ids.get(i) else {
+                            return;
+                        };
+                        let held = self.engine.hold(id);
+                        results
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(id.to_string(), held);
+                    }
+                });
+            }
+        });
+        results.into_inner().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Why container `id` cannot be hydrated here, if it cannot.
