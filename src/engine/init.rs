@@ -73,6 +73,8 @@ enum Files<'a> {
     },
     /// A tar file of them.
     Tar(&'a Path),
+    /// None: the clone only.
+    Nothing,
 }
 
 /// What dockerd wrote into a pending init layer (or a staged one).
@@ -173,39 +175,65 @@ impl Engine {
         let parent = LayerId::parse(rec.parent.as_deref().unwrap_or_default())?;
         let lower = self.get_locked(&parent, mount_label, false)?;
         let dir = self.init_dir(id);
-        let upper = dir.join("upper");
-        let target = self.rootfs_path(id);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
-        }
-        let mut m = MountRecord {
-            v: 1,
-            state: MountState::Mounting,
-            refcount: 0,
-            image: rec.image.clone(),
-            read_only: false,
-            device: None,
-            mountpoint: target.clone(),
-            on: Some(MountOn::Overlay {
-                lower: parent.to_string(),
-                upper: upper.clone(),
-            }),
-            idle_until: None,
+        let on = |upper| MountOn::Overlay {
+            lower: parent.to_string(),
+            upper,
         };
-        self.local.put(&MOUNTS, id.as_str(), &m)?;
-        match fs::mount_overlay(&lower, &upper, &dir.join("work"), &target) {
-            Ok(()) => {
-                m.state = MountState::Mounted;
-                m.refcount = 1;
-                self.local.put(&MOUNTS, id.as_str(), &m)?;
+        match self.mount_overlay_layer(id, &rec.image, &lower, &dir, on)? {
+            Ok(target) => {
                 tracing::info!(layer = %id, %parent, "init layer mounted as an overlay over its parent");
                 Ok(target)
             }
             Err(e) => {
                 tracing::warn!(layer = %id, error = %e, "cannot mount an overlay for the init layer; it gets an image of its own");
-                self.release(id, &m)?;
                 self.make_own_init(id, None)?;
                 self.get_locked(id, mount_label, false)
+            }
+        }
+    }
+
+    /// Mounts layer `id` (its image `image`, not mapped) as an overlay over
+    /// `lower`, the root of the mount that `on(<dir>/upper)` names, writes
+    /// going to `<dir>/upper`; `dir` (upper and work directories) starts
+    /// out empty. Recorded `Mounting` first, `Mounted` once up. When the
+    /// overlay cannot be mounted, its record and its use of the lower
+    /// mount are released and the mount's error is returned inside `Ok`,
+    /// for the caller's fallback.
+    pub(crate) fn mount_overlay_layer(
+        &self,
+        id: &LayerId,
+        image: &str,
+        lower: &Path,
+        dir: &Path,
+        on: impl FnOnce(PathBuf) -> MountOn,
+    ) -> Result<std::result::Result<PathBuf, fs::FsError>> {
+        let upper = dir.join("upper");
+        let target = self.rootfs_path(id);
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io("remove", dir))?;
+        }
+        let mut m = MountRecord {
+            v: 1,
+            state: MountState::Mounting,
+            refcount: 0,
+            image: image.to_string(),
+            read_only: false,
+            device: None,
+            mountpoint: target.clone(),
+            on: Some(on(upper.clone())),
+            idle_until: None,
+        };
+        self.local.put(&MOUNTS, id.as_str(), &m)?;
+        match fs::mount_overlay(lower, &upper, &dir.join("work"), &target) {
+            Ok(()) => {
+                m.state = MountState::Mounted;
+                m.refcount = 1;
+                self.local.put(&MOUNTS, id.as_str(), &m)?;
+                Ok(Ok(target))
+            }
+            Err(e) => {
+                self.release(id, &m)?;
+                Ok(Err(e))
             }
         }
     }
@@ -476,13 +504,7 @@ impl Engine {
         };
         let parent = LayerId::parse(record.parent.as_deref().unwrap_or_default())?;
         let prec = self.record(&parent)?;
-        let files = match spool {
-            Some(path) => Files::Tar(path),
-            None => Files::Dir {
-                changes: &[],
-                from: Path::new("/"),
-            },
-        };
+        let files = spool.map_or(Files::Nothing, Files::Tar);
         let made = self.materialize(id, &prec.image, &record.image, files);
         let current = layers
             .get(id.as_str())?
@@ -526,18 +548,23 @@ impl Engine {
         )
         .map_err(ceph("clone", id))?;
         crashpoint::reached(CrashPoint::InitCloned);
-        let empty = matches!(files, Files::Dir { changes, .. } if changes.is_empty());
-        if !empty {
-            let root = self.get_locked(id, "", true)?;
-            let identity = IdMappings::identity();
-            let tar: Result<Box<dyn Read>> = match files {
-                Files::Dir { changes, from } => export_changes(from, changes, &identity)
+        let identity = IdMappings::identity();
+        let tar: Option<Result<Box<dyn Read>>> = match files {
+            Files::Nothing => None,
+            Files::Dir { changes: [], .. } => None,
+            Files::Dir { changes, from } => Some(
+                export_changes(from, changes, &identity)
                     .map(|t| Box::new(t) as Box<dyn Read>)
                     .map_err(|e| init_err(id, error_chain(&e))),
-                Files::Tar(path) => std::fs::File::open(path)
+            ),
+            Files::Tar(path) => Some(
+                std::fs::File::open(path)
                     .map(|f| Box::new(f) as Box<dyn Read>)
                     .map_err(io("open", path)),
-            };
+            ),
+        };
+        if let Some(tar) = tar {
+            let root = self.get_locked(id, "", true)?;
             let applied = tar.and_then(|mut tar| {
                 apply_layer(&root, &mut tar, &identity).map_err(|e| init_err(id, error_chain(&e)))
             });

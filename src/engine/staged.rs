@@ -36,11 +36,10 @@ use graphdriver_api::diff::{IdMappings, apply_layer, export_changes};
 use metadata::{InitContent, LayerKind, LayerRecord};
 use serde::{Deserialize, Serialize};
 
-use super::mounts::{MOUNTS, MountOn, MountRecord, MountState};
+use super::mounts::{MountOn, MountRecord};
 use super::{Engine, EngineError, Result, io};
 use crate::crashpoint::{self, CrashPoint};
 use crate::error_chain;
-use crate::fs;
 use crate::localstate::Table;
 use crate::names::LayerId;
 
@@ -114,37 +113,17 @@ impl Engine {
         let _shared_held = self.locks.lock(&[shared.as_str()]);
         let lower = self.get_locked(&shared, mount_label, false)?;
         let dir = self.stage_dir(id);
-        let upper = dir.join("upper");
-        let target = self.rootfs_path(id);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
-        }
-        let mut m = MountRecord {
-            v: 1,
-            state: MountState::Mounting,
-            refcount: 0,
-            image: rec.image.clone(),
-            read_only: false,
-            device: None,
-            mountpoint: target.clone(),
-            on: Some(MountOn::Staged {
-                lower: shared.to_string(),
-                upper: upper.clone(),
-            }),
-            idle_until: None,
+        let on = |upper| MountOn::Staged {
+            lower: shared.to_string(),
+            upper,
         };
-        self.local.put(&MOUNTS, id.as_str(), &m)?;
-        match fs::mount_overlay(&lower, &upper, &dir.join("work"), &target) {
-            Ok(()) => {
-                m.state = MountState::Mounted;
-                m.refcount = 1;
-                self.local.put(&MOUNTS, id.as_str(), &m)?;
+        match self.mount_overlay_layer(id, &rec.image, &lower, &dir, on)? {
+            Ok(target) => {
                 tracing::info!(layer = %id, shared_init = %shared, "container layer staged as an overlay for dockerd's create");
                 Ok(Some(target))
             }
             Err(e) => {
                 tracing::warn!(layer = %id, error = %e, "cannot stage the container layer as an overlay; mapping it");
-                self.release(id, &m)?;
                 Ok(None)
             }
         }

@@ -262,26 +262,31 @@ pub struct FuseMapper {
     standby_seq: std::sync::atomic::AtomicU64,
 }
 
-/// A server connected to the cluster and waiting for its image.
+/// A server connected to the cluster and waiting for its image. Dropped,
+/// `assign` closes (the server sees its end and exits) and its log goes.
 #[derive(Debug)]
 struct Standby {
     pid: i32,
     start: Option<u64>,
-    /// Where its assignment is written; closing it tells it to exit.
+    /// Where its assignment is written.
     assign: File,
     /// Its readiness line, once assigned.
     ready: File,
-    /// Its log until it is assigned.
-    log: PathBuf,
+    log: StandbyLog,
 }
 
-impl Drop for Standby {
+/// A standby's log in the run directory, removed on drop unless it was
+/// moved into a mapping's directory (`None`).
+#[derive(Debug)]
+struct StandbyLog(Option<PathBuf>);
+
+impl Drop for StandbyLog {
     fn drop(&mut self) {
-        // `assign` closes with us: the server sees the end of it and exits.
-        if let Err(e) = std::fs::remove_file(&self.log)
+        if let Some(log) = &self.0
+            && let Err(e) = std::fs::remove_file(log)
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            tracing::debug!(error = %e, log = %self.log.display(), "cannot remove a standby log");
+            tracing::debug!(error = %e, log = %log.display(), "cannot remove a standby log");
         }
     }
 }
@@ -586,7 +591,7 @@ impl FuseMapper {
             start,
             assign: File::from(assign_wr),
             ready: File::from(ready_rd),
-            log,
+            log: StandbyLog(Some(log)),
         })
     }
 
@@ -612,7 +617,12 @@ impl FuseMapper {
             .start
             .is_some_and(|s| sys::process_is(standby.pid, s));
         if !alive {
-            tracing::warn!(pid = standby.pid, log = %tail(&standby.log, 500), "the standby FUSE server is gone; starting one for this image");
+            let log = standby.log.0.as_deref().map(|l| tail(l, 500));
+            tracing::warn!(
+                pid = standby.pid,
+                log = log.unwrap_or_default(),
+                "the standby FUSE server is gone; starting one for this image"
+            );
             return None;
         }
         let assignment = serve::Assignment {
@@ -624,12 +634,14 @@ impl FuseMapper {
             read_only,
             exclusive: *exclusive,
         };
-        let log = dir.join(LOG_FILE);
         let handed = serde_json::to_string(&assignment)
             .map_err(std::io::Error::other)
             .and_then(|mut line| {
-                std::fs::rename(&standby.log, &log)?;
-                standby.log = log;
+                if let Some(log) = &standby.log.0 {
+                    std::fs::rename(log, dir.join(LOG_FILE))?;
+                    // The mapping's log now: not removed with the standby.
+                    standby.log.0 = None;
+                }
                 line.push('\n');
                 standby.assign.write_all(line.as_bytes())
             });
@@ -637,15 +649,8 @@ impl FuseMapper {
             tracing::warn!(pid = standby.pid, error = %e, "cannot hand the image to the standby FUSE server; starting one for it");
             return None;
         }
-        let ready = standby
-            .ready
-            .try_clone()
-            .map_err(|e| tracing::warn!(error = %e, "dup of a standby's readiness pipe"))
-            .ok()?;
-        // The log is the mapping's now: not removed with the standby.
-        standby.log = PathBuf::new();
         tracing::debug!(pid = standby.pid, "image handed to the standby FUSE server");
-        Some((standby.pid, standby.start, ready))
+        Some((standby.pid, standby.start, standby.ready))
     }
 
     /// Starts the server (the standby, if there is one) and waits for its
