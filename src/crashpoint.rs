@@ -56,6 +56,9 @@ crash_points! {
     CreateRecorded => "create-recorded",
     /// `Create`: the image is cloned, the record still says `Creating`.
     CreateCloned => "create-cloned",
+    /// `CreateReadWrite` of a container layer answered: the record says
+    /// `Cloning`, the background clone is about to start.
+    CloneDeferred => "clone-deferred",
     /// `Create` with `size=`: the image is mapped to resize its
     /// filesystem (or to make one of that size), the record still says
     /// `Creating`.

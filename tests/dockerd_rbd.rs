@@ -189,6 +189,19 @@ impl Fixture {
         }
     }
 
+    /// Whether the plugin runs, and how it ended if it does not: the first
+    /// thing to know about a failed request.
+    fn plugin_state(&self) -> String {
+        match &self.plugin {
+            Some(p) if p.is_running() => "running".to_string(),
+            Some(p) => match p.exit_status() {
+                Some(status) => format!("EXITED: {status}"),
+                None => "EXITED".to_string(),
+            },
+            None => "stopped by the test".to_string(),
+        }
+    }
+
     fn d(&self) -> &Dockerd {
         self.dockerd.as_ref().expect("dockerd runs")
     }
@@ -204,18 +217,17 @@ impl Fixture {
             args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let out = self.d().docker(&args);
         if !out.status.success() {
+            // The plugin's state and last lines first: CI summaries show
+            // the first lines of a panic.
             panic!(
-                "{}: docker {:?} failed: {} (plugin {})\nstdout: {}\nstderr: {}\n--- dockerd log ---\n{}\n{}",
+                "{}: docker {:?} failed: {} (plugin {})\nstderr: {}\n{}\nstdout: {}\n--- dockerd log ---\n{}\n{}",
                 self.test,
                 args,
                 out.status,
-                match &self.plugin {
-                    Some(p) if p.is_running() => "running",
-                    Some(_) => "EXITED",
-                    None => "stopped by the test",
-                },
+                self.plugin_state(),
+                String::from_utf8_lossy(&out.stderr).trim(),
+                self.plugin_log_tail(12),
                 String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
                 self.d().log_tail(40),
                 self.plugin_log_tail(60)
             );

@@ -1029,6 +1029,158 @@ fn a_container_layer_is_not_mapped_for_dockerds_create_time_get() {
     }
 }
 
+/// Waits (up to 20 s) until layer `id`'s record leaves `Cloning`.
+fn cloned(fx: &Fixture, engine: &Engine, id: &str) -> LayerRecord {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let rec = fx.record(engine, id).expect("a record");
+        if rec.state != LayerState::Cloning || std::time::Instant::now() > deadline {
+            return rec;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// What a clone cut short by a crash leaves in RBD.
+enum CutShort {
+    NoImage,
+    /// An image of the layer's name that is not its clone.
+    NotAClone,
+}
+
+/// Puts layer `id`'s record back to `Cloning` and its image as `left`.
+fn as_if_cut_short(fx: &Fixture, engine: &Engine, id: &str, left: CutShort) {
+    let rec = fx.record(engine, id).unwrap();
+    rbd::remove(&fx.ioctx, &rec.image).unwrap();
+    if let CutShort::NotAClone = left {
+        rbd::create(&fx.ioctx, &rec.image, 4 << 20, &Default::default()).unwrap();
+    }
+    engine
+        .store()
+        .layers()
+        .modify(id, |r| r.state = LayerState::Cloning)
+        .unwrap();
+}
+
+#[test]
+fn a_container_layer_is_answered_before_its_clone_is_made() {
+    let Some(fx) = Fixture::new("container_layer_cloned_in_background", &[]) else {
+        return;
+    };
+    let engine = fx.engine();
+    let image = hex(81);
+    engine.create(&image, "", &image_layer()).unwrap();
+    let root = engine.get(&image, "").unwrap();
+    std::fs::write(root.join("in-image"), b"image data").unwrap();
+    engine.put(&image).unwrap();
+    let init = format!("{}-init", hex(82));
+    engine.create(&init, &image, &init_layer()).unwrap();
+    write_init_files(&engine.get(&init, "").unwrap(), None);
+    engine.put(&init).unwrap();
+    let shared = fx.record(&engine, &init).unwrap();
+    let shared_image = shared.image.clone();
+
+    // Answered with the record made; the clone lands in the background as
+    // a clone of the shared init layer's snapshot, and the record says so.
+    let rw = hex(83);
+    engine.create(&rw, &init, &rw_layer(None)).unwrap();
+    let rec = fx.record(&engine, &rw).unwrap();
+    assert!(
+        matches!(rec.state, LayerState::Cloning | LayerState::Created),
+        "{rec:?}"
+    );
+    assert_eq!(rec.size, shared.size);
+    let rec = cloned(&fx, &engine, &rw);
+    assert_eq!(rec.state, LayerState::Created, "{rec:?}");
+    let parent = Image::open_read_only(&fx.ioctx, &rec.image, None)
+        .unwrap()
+        .parent()
+        .unwrap()
+        .expect("a clone");
+    assert_eq!(
+        (parent.image_name.as_str(), parent.snap_name.as_str()),
+        (shared_image.as_str(), "sealed")
+    );
+    // dockerd's create (staged), then the start (mapped): its files, and
+    // what it writes stays.
+    engine.get(&rw, "").unwrap();
+    engine.put(&rw).unwrap();
+    let root = engine.get(&rw, "").unwrap();
+    assert_eq!(staged(&engine, &rw), Some(false));
+    assert_eq!(std::fs::read(root.join("in-image")).unwrap(), b"image data");
+    std::fs::write(root.join("run"), b"written while running").unwrap();
+    engine.put(&rw).unwrap();
+
+    // Removed at once after its create: the clone is waited for, and
+    // nothing is left of it.
+    let gone = hex(84);
+    engine.create(&gone, &init, &rw_layer(None)).unwrap();
+    let gone_image = fx.record(&engine, &gone).unwrap().image;
+    engine.remove(&gone).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while fx.record(&engine, &gone).is_some() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(fx.record(&engine, &gone), None);
+    assert!(!fx.images().contains(&gone_image));
+
+    // Cut short with no image (a crash before the clone): the next Get
+    // makes it, in this run.
+    let lazy = hex(85);
+    engine.create(&lazy, &init, &rw_layer(None)).unwrap();
+    cloned(&fx, &engine, &lazy);
+    as_if_cut_short(&fx, &engine, &lazy, CutShort::NoImage);
+    engine.get(&lazy, "").unwrap(); // dockerd's create: staged, no image
+    engine.put(&lazy).unwrap();
+    assert_eq!(
+        fx.record(&engine, &lazy).unwrap().state,
+        LayerState::Cloning
+    );
+    let root = engine.get(&lazy, "").unwrap();
+    assert_eq!(std::fs::read(root.join("in-image")).unwrap(), b"image data");
+    assert_eq!(
+        fx.record(&engine, &lazy).unwrap().state,
+        LayerState::Created
+    );
+    engine.put(&lazy).unwrap();
+
+    // A restart rolls the host's cloning layers forward: one without an
+    // image, one with an image of its name that is not its clone (an
+    // empty image, as a clone cut short might leave).
+    let bare = hex(86);
+    let wrong = hex(87);
+    for id in [&bare, &wrong] {
+        engine.create(id, &init, &rw_layer(None)).unwrap();
+        cloned(&fx, &engine, id);
+    }
+    as_if_cut_short(&fx, &engine, &bare, CutShort::NoImage);
+    as_if_cut_short(&fx, &engine, &wrong, CutShort::NotAClone);
+    drop(engine);
+    let engine = fx.engine();
+    for id in [&bare, &wrong] {
+        let rec = fx.record(&engine, id).unwrap();
+        assert_eq!(rec.state, LayerState::Created, "{id}: {rec:?}");
+        let parent = Image::open_read_only(&fx.ioctx, &rec.image, None)
+            .unwrap()
+            .parent()
+            .unwrap();
+        assert!(parent.is_some(), "{id}: not a clone after the restart");
+        let root = engine.get(id, "").unwrap();
+        assert_eq!(std::fs::read(root.join("in-image")).unwrap(), b"image data");
+        engine.put(id).unwrap();
+    }
+    // What the first layer's container wrote survived all of this.
+    let root = engine.get(&rw, "").unwrap();
+    assert_eq!(
+        std::fs::read(root.join("run")).unwrap(),
+        b"written while running"
+    );
+    engine.put(&rw).unwrap();
+    for id in [&rw, &lazy, &bare, &wrong] {
+        engine.remove(id).unwrap();
+    }
+}
+
 #[test]
 fn init_layers_with_the_same_files_share_one_sealed_layer_and_others_do_not() {
     let Some(fx) = Fixture::new("init_layers_share_one_sealed_layer", &[]) else {

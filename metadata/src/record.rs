@@ -50,6 +50,11 @@ pub enum InitContent {
 pub enum LayerState {
     /// Recorded; its image is being cloned (or the clone was interrupted).
     Creating,
+    /// Made, as far as dockerd knows, and its image is being cloned in the
+    /// background (or the clone was interrupted): whoever needs the image
+    /// next waits for the clone or makes it. Only a container's read-write
+    /// layer over a shared init layer's files is made this way.
+    Cloning,
     /// Its image exists and is usable.
     Created,
     /// Docker removed it, but clones of its snapshot still exist; its image

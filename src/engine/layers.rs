@@ -105,7 +105,7 @@ impl Engine {
         if let Some(existing) = layers.get(id.as_str())? {
             let rec = &existing.value;
             match rec.state {
-                LayerState::Created if rec.parent == parent_str => {
+                LayerState::Created | LayerState::Cloning if rec.parent == parent_str => {
                     self.add_holder(&id)?;
                     tracing::info!("layer exists already with the same parent");
                     return Ok(());
@@ -134,7 +134,9 @@ impl Engine {
         let (source, depth, source_size) = match &parent {
             None => (self.ensure_base()?, 0, self.settings.base_size),
             Some(p) => {
-                let prec = self.record(p)?;
+                // A container layer as a parent (not dockerd's way, but
+                // allowed): its image first.
+                let prec = self.ensure_cloned(p)?;
                 if prec.state != LayerState::Created {
                     return Err(EngineError::Conflict {
                         layer: p.to_string(),
@@ -196,6 +198,12 @@ impl Engine {
             created_at: now(),
             init: None,
         };
+        if let Some(prec) = parent_rec
+            .as_ref()
+            .filter(|prec| defers_clone(opts, flatten, prec))
+        {
+            return self.create_cloning(&id, &source, record, prec);
+        }
         let created = layers.create(id.as_str(), &record).map_err(|e| match e {
             metadata::Error::Exists { .. } => EngineError::Conflict {
                 layer: id.to_string(),
@@ -432,7 +440,7 @@ impl Engine {
             .store
             .layers()
             .update(id.as_str(), |current| match current {
-                Some(r) if r.state == LayerState::Created => {
+                Some(r) if matches!(r.state, LayerState::Created | LayerState::Cloning) => {
                     let mut next = r.clone();
                     next.holders.insert(host.clone());
                     Ok(Some(next))
@@ -487,6 +495,8 @@ impl Engine {
             .map(LayerId::parse)
             .transpose()?;
         let _held = self.lock_unused(&id)?;
+        // A layer whose clone runs: removed once it is made.
+        self.ensure_cloned(&id)?;
         self.release_local(&id, false)?;
         // Dropping the last holder and leaving `Created` are one
         // compare-and-set: a host adding itself as holder meanwhile
@@ -626,7 +636,7 @@ impl Engine {
     /// the layer it makes (an xfs grow, a project quota) and nobody else
     /// can, so a mount of it here, left by a crash or a failed unmount, is
     /// torn down first whatever its count.
-    fn roll_back_create(&self, id: &LayerId, rec: &LayerRecord) -> Result<()> {
+    pub(crate) fn roll_back_create(&self, id: &LayerId, rec: &LayerRecord) -> Result<()> {
         self.release_local(id, false)?;
         self.finish_removal(id, rec)
     }
@@ -764,6 +774,9 @@ impl Engine {
                         }
                     })
                 }
+                LayerState::Cloning if record.created_by == self.host_id => self
+                    .lock_layer(&layer)
+                    .and_then(|_held| self.recover_cloning(&layer)),
                 LayerState::Removing => {
                     tracing::warn!(layer = %layer, "finishing a removal interrupted by a crash or shutdown");
                     let parent = record
@@ -911,4 +924,15 @@ pub fn remove_layer_image(ioctx: &IoCtx, id: &str, image: &str) -> Result<()> {
         }),
         Err(e) => Err(ceph("remove image", id)(e)),
     }
+}
+
+/// Whether a layer made with `opts` on `prec` is answered before its
+/// clone is made (see [`super::deferred`]): a container's read-write layer
+/// over an init layer served by a shared init layer, with nothing to do to
+/// the clone (no size option, no flatten).
+fn defers_clone(opts: &CreateOptions, flatten: bool, prec: &LayerRecord) -> bool {
+    opts.kind == LayerKind::ReadWrite
+        && opts.size.is_none()
+        && !flatten
+        && prec.shared_init().is_some()
 }

@@ -34,6 +34,7 @@
 //! image's RADOS lock serialise what must be serialised.
 
 pub mod base;
+mod deferred;
 pub mod fsck;
 mod init;
 pub mod layers;
@@ -257,6 +258,7 @@ pub struct Engine {
     lease: Option<lease::HostLease>,
     space: space::SpaceCache,
     fresh: staged::FreshLayers,
+    clones: deferred::Clones,
 }
 
 impl Engine {
@@ -308,6 +310,7 @@ impl Engine {
             lease: Some(lease),
             space: space::SpaceCache::default(),
             fresh: staged::FreshLayers::default(),
+            clones: deferred::Clones::default(),
         };
         engine.recover();
         Ok(engine)

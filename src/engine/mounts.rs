@@ -262,8 +262,8 @@ impl Engine {
             self.release(id, &m)?;
         }
         let rec = self.record(id)?;
-        let usable =
-            rec.state == LayerState::Created || (creating && rec.state == LayerState::Creating);
+        let usable = matches!(rec.state, LayerState::Created | LayerState::Cloning)
+            || (creating && rec.state == LayerState::Creating);
         if !usable {
             return Err(EngineError::Conflict {
                 layer: id.to_string(),
@@ -284,6 +284,12 @@ impl Engine {
                 return Ok(staged);
             }
         }
+        // Past staging, the image is needed.
+        let rec = if rec.state == LayerState::Cloning {
+            self.ensure_cloned(id)?
+        } else {
+            rec
+        };
         if !rec.sealed {
             // A writable mapping writes at once (the image's header, the
             // journal replay of the mount).

@@ -166,12 +166,21 @@ pub fn fence(
     };
     let layer = LayerId::parse(&rec.mount_id).map_err(crate::engine::EngineError::from)?;
     let image_name = cluster.naming.layer_image(&layer);
-    let image = Image::open(cluster.store.ioctx(), &image_name, None)
-        .map_err(|e| blob(e, &format!("open image {image_name}")))?;
+    // No image yet (the layer was recorded `Cloning` and its host died
+    // before the clone was made): no lock to break, but the old daemon is
+    // still fenced, so that its clone cannot land after ours.
+    let image = match Image::open(cluster.store.ioctx(), &image_name, None) {
+        Ok(image) => Some(image),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(blob(e, &format!("open image {image_name}"))),
+    };
+    let owners = match &image {
+        Some(image) => image
+            .lock_owners()
+            .map_err(|e| blob(e, "list the lock owners"))?,
+        None => Vec::new(),
+    };
     let mut fenced = Vec::new();
-    let owners = image
-        .lock_owners()
-        .map_err(|e| blob(e, "list the lock owners"))?;
     let daemon = old_host
         .and_then(|h| cluster.store.hosts().get(h).ok().flatten())
         .map(|r| r.value.client_addr)
@@ -183,11 +192,13 @@ pub fn fence(
             .map_err(|e| blob(e, &format!("blocklist {addr}")))?;
         fenced.push(addr.clone());
     }
-    for owner in &owners {
-        match image.lock_break(owner) {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(blob(e, &format!("break the lock of {owner}"))),
+    if let Some(image) = &image {
+        for owner in &owners {
+            match image.lock_break(owner) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(blob(e, &format!("break the lock of {owner}"))),
+            }
         }
     }
     Ok(fenced)

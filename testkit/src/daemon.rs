@@ -110,6 +110,13 @@ impl Daemon {
         self.pid().is_some_and(process::is_live)
     }
 
+    /// How it ended, if it exited on its own (read without reaping it, so
+    /// that [`Daemon::stop`] and the drop still see it): for failure
+    /// messages, "killed by SIGABRT" tells an abort from a clean exit.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.pid().and_then(process::zombie_exit_status)
+    }
+
     /// The socket it was waited on.
     pub fn socket(&self) -> &Path {
         &self.socket

@@ -41,6 +41,22 @@ pub fn state(pid: i32) -> State {
     }
 }
 
+/// How a zombie `pid` ended, read without reaping it (the `exit_code`
+/// field of `/proc/<pid>/stat`, in `waitpid` form); `None` while it runs or
+/// once it is gone.
+pub fn zombie_exit_status(pid: i32) -> Option<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    // Field 3 is the state; field 52 the exit code (fields counted from 1,
+    // the first two being pid and comm).
+    if !matches!(fields.first(), Some(&"Z") | Some(&"X") | Some(&"x")) {
+        return None;
+    }
+    let raw: i32 = fields.get(52 - 3)?.parse().ok()?;
+    Some(ExitStatus::from_raw(raw))
+}
+
 /// Whether `pid` is a live (non-zombie) process.
 pub fn is_live(pid: i32) -> bool {
     state(pid) == State::Live
@@ -290,6 +306,8 @@ mod tests {
         }
         assert_eq!(state(pid), State::Zombie);
         assert!(!is_live(pid));
+        assert_eq!(zombie_exit_status(pid).and_then(|s| s.code()), Some(0));
+        assert_eq!(zombie_exit_status(std::process::id() as i32), None);
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("x.pid");
         std::fs::write(&pidfile, format!("{pid}\n")).unwrap();
@@ -300,6 +318,25 @@ mod tests {
         std::fs::write(&pidfile, format!("{}\n", std::process::id())).unwrap();
         assert!(remove_stale_pidfile(&pidfile).is_err());
         assert!(pidfile.exists());
+    }
+
+    #[test]
+    fn a_zombies_exit_status_is_read_without_reaping_it() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", "kill -ABRT $$"])
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while state(pid) != State::Zombie && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let status = zombie_exit_status(pid).expect("a zombie's status");
+        assert_eq!(status.signal(), Some(Signal::SIGABRT as i32));
+        // Still there for the real wait.
+        assert_eq!(child.wait().unwrap().signal(), Some(Signal::SIGABRT as i32));
+        assert_eq!(zombie_exit_status(pid), None);
     }
 
     #[test]
