@@ -41,7 +41,9 @@
 //! # Creation and deletion order (intent first)
 //!
 //! A layer is recorded `Creating` **before** its RBD image is cloned, and
-//! moved to `Created` after. It is marked `Removing` **before** its image is
+//! moved to `Created` after (a container's layer may be recorded `Cloning`
+//! instead: answered, its clone made in the background or by its next
+//! user). It is marked `Removing` **before** its image is
 //! removed, and its key is deleted after. A crash between the two steps
 //! leaves a record whose state says what was in flight, so a restarted
 //! daemon (or `docker-rbd fsck`) rolls it forward or back; an image without
