@@ -2,9 +2,10 @@
 //!
 //! A layer is a clone of its parent's snapshot, so creating one should cost
 //! the same whether the parent holds 1 MiB or 1 GiB. This measures it: the
-//! baseline is `create` of children of a parent holding 1 MiB, the contender
-//! `create` of children of a parent holding 1 GiB (written through the
-//! filesystem, then sealed by the first child), same engine, same run. It
+//! baseline is `create` of children of a parent holding 1 MiB, the
+//! contenders `create` of children of parents holding 100 MiB and 1 GiB
+//! (written through the filesystem, then sealed by the first child), same
+//! engine, same run. It
 //! also times `get` (map + mount) of a fresh child of each, and prints the
 //! medians side by side. Then the space a tiny layer costs, with
 //! docker-rbd's image options beside RBD's defaults ([`space_per_layer`]).
@@ -12,7 +13,7 @@
 //! ```text
 //! scripts/ceph-dev start /tmp/bench-ceph && source /tmp/bench-ceph/env
 //! cargo build --release --bins --example create_bench
-//! target/release/examples/create_bench [--big-mib 1024] [--rounds 10] [--tiny-layers 8]
+//! target/release/examples/create_bench [--big-mib 1024] [--rounds 10] [--tiny-layers 8] [--plot-dir DIR]
 //! ```
 //!
 //! Needs root, /dev/fuse, /dev/loop-control and the cluster variables of
@@ -27,14 +28,15 @@ use docker_rbd::config::{RawSettings, Source};
 use docker_rbd::engine::{CreateOptions, Engine};
 use docker_rbd::mapper::fuse::HelperCommand;
 use metadata::LayerKind;
+use testkit::bench::Stats;
+use testkit::plot::{Series, bars};
 
 fn id(n: u64) -> String {
     format!("{n:064x}")
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+fn median(v: Vec<Duration>) -> Duration {
+    Stats::of(v).map_or(Duration::ZERO, |s| s.median)
 }
 
 fn ms(d: Duration) -> String {
@@ -62,6 +64,7 @@ fn main() -> Result<()> {
     let mut big_mib = 1024u64;
     let mut rounds = 10usize;
     let mut tiny_layers = 8usize;
+    let mut plot_dir = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let value = args.next().with_context(|| format!("{a} needs a value"))?;
@@ -69,8 +72,12 @@ fn main() -> Result<()> {
             "--big-mib" => big_mib = value.parse().context("--big-mib")?,
             "--rounds" => rounds = value.parse().context("--rounds")?,
             "--tiny-layers" => tiny_layers = value.parse().context("--tiny-layers")?,
+            "--plot-dir" => plot_dir = Some(std::path::PathBuf::from(value)),
             other => bail!("unknown argument {other}"),
         }
+    }
+    if rounds < 2 {
+        bail!("--rounds must be at least 2 (the first create is reported apart)");
     }
     let namespace = format!("create-bench-{}", std::process::id());
     let home = tempfile::tempdir()?;
@@ -82,23 +89,22 @@ fn main() -> Result<()> {
         mount_label: String::new(),
     };
 
-    let (small, big) = (id(1), id(2));
-    engine.create(&small, "", &image)?;
-    engine.create(&big, "", &image)?;
+    // Parents holding 1 MiB (the baseline), 100 MiB and `big_mib`.
+    let sizes = [1, 100.min(big_mib), big_mib];
+    let parents: Vec<String> = (1..=sizes.len() as u64).map(id).collect();
     let started = Instant::now();
-    fill(&engine, &small, 1)?;
-    fill(&engine, &big, big_mib)?;
+    for (parent, &mib) in parents.iter().zip(&sizes) {
+        engine.create(parent, "", &image)?;
+        fill(&engine, parent, mib)?;
+    }
     println!(
-        "parents filled: 1 MiB and {big_mib} MiB in {:.1} s",
+        "parents filled: {sizes:?} MiB in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
     let mut results = Vec::new();
     let mut next = 100u64;
-    for (label, parent) in [
-        ("1 MiB parent (baseline)", &small),
-        (&*format!("{big_mib} MiB parent"), &big),
-    ] {
+    for (parent, &mib) in parents.iter().zip(&sizes) {
         let (mut creates, mut gets) = (Vec::new(), Vec::new());
         let mut children = Vec::new();
         for _ in 0..rounds {
@@ -115,19 +121,25 @@ fn main() -> Result<()> {
         }
         // The first create also seals the parent (one snapshot); report it apart.
         let first = creates.remove(0);
-        results.push((label.to_string(), first, median(creates), median(gets)));
+        results.push((mib, first, median(creates), median(gets)));
         for child in children {
             engine.remove(&child)?;
         }
     }
-    engine.remove(&small)?;
-    engine.remove(&big)?;
+    for parent in &parents {
+        engine.remove(parent)?;
+    }
 
     println!(
         "\n{:<28} {:>22} {:>16} {:>16}",
         "", "first create (seals)", "create median", "get median"
     );
-    for (label, first, create, get) in &results {
+    for (mib, first, create, get) in &results {
+        let label = if *mib == sizes[0] {
+            format!("{mib} MiB parent (baseline)")
+        } else {
+            format!("{mib} MiB parent")
+        };
         println!(
             "{label:<28} {:>22} {:>16} {:>16}",
             ms(*first),
@@ -135,11 +147,41 @@ fn main() -> Result<()> {
             ms(*get)
         );
     }
-    let ratio = results[1].2.as_secs_f64() / results[0].2.as_secs_f64();
-    println!(
-        "\ncreate on the {big_mib} MiB parent / on the 1 MiB parent: {ratio:.2}x ({} rounds each)",
-        rounds - 1
-    );
+    let base = results[0].2.as_secs_f64();
+    for (mib, _, create, _) in &results[1..] {
+        println!(
+            "create on the {mib} MiB parent / on the 1 MiB parent: {:.2}x ({} rounds each)",
+            create.as_secs_f64() / base,
+            rounds - 1
+        );
+    }
+    if let Some(dir) = &plot_dir {
+        let millis = |pick: fn(&(u64, Duration, Duration, Duration)) -> Duration| {
+            results
+                .iter()
+                .map(|r| pick(r).as_secs_f64() * 1000.0)
+                .collect::<Vec<_>>()
+        };
+        let labels: Vec<String> = sizes
+            .iter()
+            .map(|m| format!("parent holds {m} MiB"))
+            .collect();
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        bars(
+            &dir.join("create.png"),
+            &format!(
+                "Layer create and get against the parent's size (median of {})",
+                rounds - 1
+            ),
+            "ms",
+            &labels,
+            &[
+                Series::new("create (a clone)", millis(|r| r.2)),
+                Series::new("get (map + mount)", millis(|r| r.3)),
+            ],
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
 
     // The base image and the namespace go too.
     close(engine);

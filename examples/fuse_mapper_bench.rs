@@ -12,7 +12,11 @@
 //! cargo build --release --bin docker-rbd-fuse --example fuse_mapper_bench
 //! sudo -E target/release/examples/fuse_mapper_bench [--total-mib 1024] [--rand-mib 64]
 //!     [--threads 16] [--fuse-threads 8] [--rounds 3] [--no-loop-dio] [--fuse-direct-io]
+//!     [--plot-dir DIR]
 //! ```
+//!
+//! `--plot-dir DIR` draws `fuse.png` there: each workload through the
+//! mapper as a percentage of `rbd bench`.
 //!
 //! Needs root, /dev/fuse, /dev/loop-control, the `rbd` tool, and the
 //! cluster variables of `scripts/ceph-dev` (`DOCKER_RBD_CEPH_CONF`,
@@ -28,6 +32,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use docker_rbd::mapper::fuse::{FuseConfig, FuseMapper, HelperCommand};
 use docker_rbd::mapper::{CephConnection, MapRequest};
+use testkit::plot::{Series, bars};
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -38,6 +43,7 @@ struct Options {
     loop_dio: bool,
     fuse_direct_io: bool,
     rounds: usize,
+    plot_dir: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Options> {
@@ -49,6 +55,7 @@ fn parse_args() -> Result<Options> {
         loop_dio: true,
         fuse_direct_io: false,
         rounds: 3,
+        plot_dir: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -66,6 +73,11 @@ fn parse_args() -> Result<Options> {
             "--no-loop-dio" => o.loop_dio = false,
             "--fuse-direct-io" => o.fuse_direct_io = true,
             "--rounds" => o.rounds = value(&a)?.clamp(1, 50) as usize,
+            "--plot-dir" => {
+                o.plot_dir = Some(PathBuf::from(
+                    args.next().context("--plot-dir needs a value")?,
+                ))
+            }
             "-h" | "--help" => {
                 println!("see the doc comment of examples/fuse_mapper_bench.rs");
                 std::process::exit(0);
@@ -384,7 +396,8 @@ fn main() -> Result<()> {
         "{:<14} {:>16} {:>16} {:>8}",
         "workload", "rbd bench", "fuse+loop", "ratio"
     );
-    let outcome = (|| -> Result<()> {
+    let mut percent = Vec::new();
+    let mut outcome = (|| -> Result<()> {
         for w in WORKLOADS {
             let total = if w.random { o.rand_total } else { o.total };
             // Interleaved rounds, median of each side: the machine may be
@@ -410,9 +423,21 @@ fn main() -> Result<()> {
                 show(fuse),
                 100.0 * fuse.ops_per_sec / base.ops_per_sec
             );
+            percent.push(100.0 * fuse.ops_per_sec / base.ops_per_sec);
         }
         Ok(())
     })();
+    if let (Ok(()), Some(dir)) = (&outcome, &o.plot_dir) {
+        let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+        outcome = bars(
+            &dir.join("fuse.png"),
+            "The fuse mapper (loop, FUSE, librbd) against rbd bench",
+            "% of rbd bench (throughput or IOPS)",
+            &names,
+            &[Series::new("fuse mapper", percent)],
+        )
+        .map_err(anyhow::Error::msg);
+    }
     let unmapped = mapper.unmap(&dev);
     outcome?;
     unmapped?;

@@ -26,8 +26,10 @@
 //! scripts/bench lifecycle      # or, by hand:
 //! scripts/ceph-dev start /tmp/bench-ceph && source /tmp/bench-ceph/env
 //! cargo build --release --bins --example lifecycle_bench
-//! target/release/examples/lifecycle_bench [--rounds 20] [--data-mib 200] [--log FILE]
+//! target/release/examples/lifecycle_bench [--rounds 20] [--data-mib 200] [--log FILE] [--plot-dir DIR]
 //! ```
+//!
+//! `--plot-dir DIR` draws `lifecycle.png` and `deep-images.png` there.
 //!
 //! `--log FILE` saves the plugin's log of the breakdown runs, for a closer
 //! look (with `DOCKER_RBD_LOG=debug` for every step's timestamp).
@@ -40,8 +42,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use testkit::bench::{Stats, docker, ms};
 use testkit::dockerd::{Dockerd, DockerdConfig};
 use testkit::fleet::Fleet;
+use testkit::plot::{Series, bars};
 
 const NAME: &str = "lifecycle_bench";
 
@@ -49,6 +53,7 @@ struct Args {
     rounds: usize,
     data_mib: u64,
     log: Option<PathBuf>,
+    plot_dir: Option<PathBuf>,
 }
 
 fn args() -> Result<Args> {
@@ -56,6 +61,7 @@ fn args() -> Result<Args> {
         rounds: 20,
         data_mib: 200,
         log: None,
+        plot_dir: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,7 +70,10 @@ fn args() -> Result<Args> {
             "--rounds" => a.rounds = value.parse().context("--rounds")?,
             "--data-mib" => a.data_mib = value.parse().context("--data-mib")?,
             "--log" => a.log = Some(PathBuf::from(value)),
-            other => bail!("unknown flag {other} (--rounds N, --data-mib N, --log FILE)"),
+            "--plot-dir" => a.plot_dir = Some(PathBuf::from(value)),
+            other => {
+                bail!("unknown flag {other} (--rounds N, --data-mib N, --log FILE, --plot-dir DIR)")
+            }
         }
     }
     if a.rounds == 0 {
@@ -73,36 +82,12 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
-/// Median, min and max.
-struct Stats {
-    median: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-fn stats(mut v: Vec<Duration>) -> Stats {
-    v.sort();
-    Stats {
-        median: v[v.len() / 2],
-        min: v[0],
-        max: v[v.len() - 1],
+/// How a table names the driver of `d`.
+fn label(d: &Dockerd) -> String {
+    match d.config().storage_driver.as_str() {
+        "overlay2" | "vfs" => d.config().storage_driver.clone(),
+        _ => "rbd (fuse)".to_string(),
     }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0}", d.as_secs_f64() * 1000.0)
-}
-
-fn docker(d: &Dockerd, args: &[&str]) -> Result<String> {
-    let out = d.docker(args);
-    if !out.status.success() {
-        bail!(
-            "docker {args:?} on {}: {}",
-            d.config().storage_driver,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Imports busybox and builds `bench:1` on it with `data_mib` of data.
@@ -156,10 +141,10 @@ fn measure(d: &Dockerd, rounds: usize) -> Result<Row> {
         rms.push(t.elapsed());
     }
     Ok(Row {
-        driver: d.config().storage_driver.clone(),
-        run_rm: stats(runs),
-        start: stats(starts),
-        rm: stats(rms),
+        driver: label(d),
+        run_rm: Stats::of(runs).context("no rounds")?,
+        start: Stats::of(starts).context("no rounds")?,
+        rm: Stats::of(rms).context("no rounds")?,
     })
 }
 
@@ -230,6 +215,14 @@ fn print_requests(log: &str, count: usize, unit: &str) {
     println!("{:<18} {:>9} {:>10} {:>13.1}", "all", "", "", total);
 }
 
+/// What [`deep`] measured on one daemon.
+struct DeepRow {
+    driver: String,
+    per_layer: Duration,
+    run_one: Duration,
+    run_deep: Duration,
+}
+
 /// `docker load` of a 1-layer and a 60-layer image, then `run --rm` of
 /// each, on every daemon in `daemons`.
 fn deep(
@@ -237,7 +230,7 @@ fn deep(
     daemons: &[&Dockerd],
     dir: &Path,
     rounds: usize,
-) -> Result<()> {
+) -> Result<Vec<DeepRow>> {
     const DEPTHS: [usize; 2] = [1, 60];
     let mut tars = Vec::new();
     for n in DEPTHS {
@@ -260,6 +253,7 @@ fn deep(
         "60 vs 1"
     );
     let mut breakdowns = Vec::new();
+    let mut rows = Vec::new();
     for d in daemons {
         let mut loads = Vec::new();
         let mut runs = Vec::new();
@@ -286,13 +280,10 @@ fn deep(
                 docker(d, &run)?;
                 times.push(t.elapsed());
             }
-            runs.push(stats(times).median);
+            runs.push(Stats::of(times).context("no rounds")?.median);
         }
         let per_layer = loads[1].saturating_sub(loads[0]) / (DEPTHS[1] - DEPTHS[0]) as u32;
-        let driver = match d.config().storage_driver.as_str() {
-            "overlay2" | "vfs" => d.config().storage_driver.clone(),
-            _ => "rbd (fuse)".to_string(),
-        };
+        let driver = label(d);
         println!(
             "{:<12} {:>12} {:>13} {:>16} {:>14} {:>15} {:>9.2}x",
             driver,
@@ -304,6 +295,12 @@ fn deep(
             runs[1].as_secs_f64() / runs[0].as_secs_f64().max(1e-9)
         );
         breakdowns.push(load_log);
+        rows.push(DeepRow {
+            driver,
+            per_layer,
+            run_one: runs[0],
+            run_deep: runs[1],
+        });
     }
     for log in breakdowns.iter().filter(|l| !l.is_empty()) {
         println!(
@@ -312,7 +309,7 @@ fn deep(
         );
         print_requests(log, DEPTHS[1], "layer");
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// `VmRSS` or `VmHWM` of `pid`, bytes.
@@ -408,18 +405,7 @@ fn main() -> Result<()> {
     // SAFETY: set before any thread starts; testkit reads it to fail
     // instead of skip when a prerequisite is missing.
     unsafe { std::env::set_var("DOCKER_RBD_TEST_STRICT", "1") };
-    let exe = std::env::current_exe()?;
-    let plugin: PathBuf = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("docker-rbd"))
-        .context("locating the docker-rbd binary next to target/<profile>/examples")?;
-    if !plugin.exists() {
-        bail!(
-            "{} is missing: cargo build --release --bins",
-            plugin.display()
-        );
-    }
+    let plugin = testkit::bench::plugin_binary().map_err(anyhow::Error::msg)?;
     let scratch = testkit::scratch_dir("lifecycle-bench").map_err(anyhow::Error::msg)?;
     let rootfs = scratch.path().join("busybox-rootfs.tar");
     testkit::images::write_busybox_rootfs_tar(&rootfs).map_err(anyhow::Error::msg)?;
@@ -451,11 +437,6 @@ fn main() -> Result<()> {
         "driver", "run --rm (med min max)", "run -d (med min max)", "rm -f (med min max)"
     );
     for r in &rows {
-        let driver = if r.driver == "overlay2" || r.driver == "vfs" {
-            r.driver.clone()
-        } else {
-            "rbd (fuse)".to_string()
-        };
         let cell = |s: &Stats, b: Duration| {
             format!(
                 "{} {} {} x{:.1}",
@@ -467,7 +448,7 @@ fn main() -> Result<()> {
         };
         println!(
             "{:<22} {:>22} {:>22} {:>22}",
-            driver,
+            r.driver,
             cell(&r.run_rm, base.0),
             cell(&r.start, base.1),
             cell(&r.rm, base.2)
@@ -475,12 +456,53 @@ fn main() -> Result<()> {
     }
     println!("(xN: median against overlay2's in the same run)");
     breakdown(&rbd, args.rounds, args.log.as_deref())?;
-    deep(
+    let deep_rows = deep(
         &rbd,
         &[rbd.dockerd(), &overlay],
         scratch.path(),
         args.rounds,
     )?;
+    if let Some(dir) = &args.plot_dir {
+        let millis = |d: Duration| d.as_secs_f64() * 1000.0;
+        let lifecycle: Vec<Series> = rows
+            .iter()
+            .map(|r| {
+                let v = [r.run_rm.median, r.start.median, r.rm.median];
+                Series::new(&r.driver, v.into_iter().map(millis).collect())
+            })
+            .collect();
+        bars(
+            &dir.join("lifecycle.png"),
+            &format!(
+                "Container lifecycle, busybox + {} MiB (median of {})",
+                args.data_mib, args.rounds
+            ),
+            "ms",
+            &["run --rm IMG true", "run -d, to running", "rm -f"],
+            &lifecycle,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let deep_series: Vec<Series> = deep_rows
+            .iter()
+            .map(|r| {
+                let v = [r.per_layer, r.run_one, r.run_deep];
+                Series::new(&r.driver, v.into_iter().map(millis).collect())
+            })
+            .collect();
+        bars(
+            &dir.join("deep-images.png"),
+            "Deep images: docker load and run --rm (median)",
+            "ms",
+            &[
+                "load, per extra layer",
+                "run --rm, 1 layer",
+                "run --rm, 60 layers",
+            ],
+            &deep_series,
+        )
+        .map_err(anyhow::Error::msg)?;
+        println!("plots: {}", dir.display());
+    }
     memory(&rbd, scratch.path())?;
     drop(rbd);
     drop(fleet);

@@ -36,18 +36,18 @@ use docker_rbd::config::{RawSettings, Settings, Source};
 use docker_rbd::engine::{CreateOptions, Engine};
 use docker_rbd::mapper::fuse::HelperCommand;
 use metadata::LayerKind;
+use testkit::bench::Stats;
 
 fn id(n: usize) -> String {
     format!("{n:064x}")
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+fn median(v: Vec<Duration>) -> Duration {
+    Stats::of(v).map_or(Duration::ZERO, |s| s.median)
 }
 
 fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+    format!("{} ms", testkit::bench::ms(d))
 }
 
 struct Cluster {

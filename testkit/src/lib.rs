@@ -20,8 +20,11 @@
 //!   ready when its socket answers, stopped by pid on drop.
 //! - [`scratch`]: scratch directories tagged with their owning test process,
 //!   and [`sweep_orphans`], which cleans up after killed test processes.
+//! - [`bench`], [`plot`]: what the benchmarks share (timing summaries,
+//!   PNG charts).
 //! - [`process`], [`mounts`], [`sha256`]: the pieces those are built from.
 
+pub mod bench;
 pub mod ceph;
 pub mod daemon;
 pub mod dockerd;
@@ -30,6 +33,7 @@ pub mod fleet;
 pub mod host;
 pub mod images;
 pub mod mounts;
+pub mod plot;
 pub mod process;
 pub mod require;
 pub mod scratch;
