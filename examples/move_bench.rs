@@ -100,7 +100,8 @@ fn program(mib: u64) -> String {
     )
 }
 
-/// Waits until `check` holds for the container's file in the container.
+/// Waits until the container has counted `runs` checked runs; fails at
+/// once if it stopped.
 fn wait_runs(d: &Dockerd, name: &str, runs: usize, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
     loop {
@@ -111,6 +112,15 @@ fn wait_runs(d: &Dockerd, name: &str, runs: usize, within: Duration) -> Result<(
             .ok();
         if seen == Some(runs) {
             return Ok(());
+        }
+        let running = d.docker(["inspect", "-f", "{{.State.Running}}", name]);
+        if String::from_utf8_lossy(&running.stdout).trim() == "false" {
+            let logs = d.docker(["logs", "--tail", "5", name]);
+            bail!(
+                "container {name} stopped before its run {runs} was checked: {}{}",
+                String::from_utf8_lossy(&logs.stdout).trim(),
+                String::from_utf8_lossy(&logs.stderr).trim()
+            );
         }
         if Instant::now() >= deadline {
             bail!(
@@ -270,7 +280,13 @@ fn main() -> Result<()> {
     let rootfs = scratch.path().join("busybox-rootfs.tar");
     testkit::images::write_busybox_rootfs_tar(&rootfs).map_err(anyhow::Error::msg)?;
 
-    let fleet = Fleet::start(NAME, &plugin, &[]).context("the fleet could not start")?;
+    // Room in a container's filesystem for the largest size and more.
+    let basesize = format!(
+        "{}M",
+        args.sizes.iter().max().copied().unwrap_or(0) * 2 + 1024
+    );
+    let fleet = Fleet::start(NAME, &plugin, &["--basesize", &basesize])
+        .context("the fleet could not start")?;
     let store = Store::new(fleet.ioctx().clone(), "docker-rbd.");
     let mut a = fleet.host("a", &["--host-id", "move-a"]);
     docker(

@@ -45,7 +45,8 @@ pub struct Fleet {
 impl Fleet {
     /// A fleet for `test` whose hosts run `plugin_bin` (`docker-rbd`) with
     /// `flags` beyond the common ones (cluster, pool, namespace, fuse
-    /// mapper, 1 GiB base, plugin name, run dir). `None` when a
+    /// mapper, 1 GiB base unless `flags` name `--basesize`, plugin name,
+    /// run dir). `None` when a
     /// prerequisite is missing outside strict mode (see [`crate::require`]).
     pub fn start(test: &str, plugin_bin: &Path, flags: &[&str]) -> Option<Fleet> {
         let ceph = crate::ceph::require(test)?;
@@ -115,6 +116,13 @@ impl Fleet {
         let run_dir = crate::scratch_dir(&format!("fleet-{name}-run"))?;
         // The settings every docker-rbd command of this host takes.
         let mut settings: Vec<OsString> = vec!["-c".into(), self.ceph.conf.clone().into()];
+        let given = |flag: &str| {
+            self.flags
+                .iter()
+                .map(String::as_str)
+                .chain(flags.iter().copied())
+                .any(|f| f == flag)
+        };
         for (flag, value) in [
             ("--id", self.ceph.id.as_str()),
             ("-p", self.ceph.pool.as_str()),
@@ -122,6 +130,10 @@ impl Fleet {
             ("--mapper", "fuse"),
             ("--basesize", "1G"),
         ] {
+            // A base size of the caller's replaces the 1 GiB default.
+            if flag == "--basesize" && given(flag) {
+                continue;
+            }
             settings.push(flag.into());
             settings.push(value.into());
         }
