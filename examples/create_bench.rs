@@ -166,7 +166,6 @@ fn main() -> Result<()> {
             .iter()
             .map(|m| format!("parent holds {m} MiB"))
             .collect();
-        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
         bars(
             &dir.join("create.png"),
             &format!(

@@ -402,13 +402,11 @@ fn memory(host: &testkit::fleet::FleetHost, dir: &Path) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = args()?;
-    // SAFETY: set before any thread starts; testkit reads it to fail
-    // instead of skip when a prerequisite is missing.
-    unsafe { std::env::set_var("DOCKER_RBD_TEST_STRICT", "1") };
-    let plugin = testkit::bench::plugin_binary().map_err(anyhow::Error::msg)?;
-    let scratch = testkit::scratch_dir("lifecycle-bench").map_err(anyhow::Error::msg)?;
-    let rootfs = scratch.path().join("busybox-rootfs.tar");
-    testkit::images::write_busybox_rootfs_tar(&rootfs).map_err(anyhow::Error::msg)?;
+    let testkit::bench::Start {
+        plugin,
+        scratch,
+        rootfs,
+    } = testkit::bench::start("lifecycle-bench").map_err(anyhow::Error::msg)?;
 
     let fleet = Fleet::start(NAME, &plugin, &[]).context("the rbd host could not start")?;
     let rbd = fleet.host("bench", &["--host-id", "bench"]);

@@ -272,13 +272,11 @@ fn cell(v: Vec<Duration>) -> String {
 
 fn main() -> Result<()> {
     let args = args()?;
-    // SAFETY: set before any thread starts; testkit reads it to fail
-    // instead of skip when a prerequisite is missing.
-    unsafe { std::env::set_var("DOCKER_RBD_TEST_STRICT", "1") };
-    let plugin = testkit::bench::plugin_binary().map_err(anyhow::Error::msg)?;
-    let scratch = testkit::scratch_dir("move-bench").map_err(anyhow::Error::msg)?;
-    let rootfs = scratch.path().join("busybox-rootfs.tar");
-    testkit::images::write_busybox_rootfs_tar(&rootfs).map_err(anyhow::Error::msg)?;
+    let testkit::bench::Start {
+        plugin,
+        scratch,
+        rootfs,
+    } = testkit::bench::start("move-bench").map_err(anyhow::Error::msg)?;
 
     // Room in a container's filesystem for the largest size and more.
     let basesize = format!(
@@ -346,7 +344,6 @@ fn main() -> Result<()> {
             .iter()
             .map(|m| format!("{m} MiB written"))
             .collect();
-        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
         bars(
             &dir.join("move.png"),
             &format!(

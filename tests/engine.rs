@@ -915,6 +915,23 @@ fn an_init_layer_that_cannot_share_gets_its_files_in_an_image_of_its_own() {
 /// How layer `id` is mounted here: `Some(true)` staged for dockerd's
 /// create (an overlay, its image not mapped), `Some(false)` from its own
 /// mapped image, `None` not at all.
+/// An image layer `hex(n)` holding `/in-image`, and a container's init
+/// layer `hex(n + 1)-init` over it with dockerd's init files, served by a
+/// shared init layer; returns the init layer's id.
+fn image_with_shared_init(fx: &Fixture, engine: &Engine, n: u32) -> String {
+    let image = hex(n);
+    engine.create(&image, "", &image_layer()).unwrap();
+    let root = engine.get(&image, "").unwrap();
+    std::fs::write(root.join("in-image"), b"image data").unwrap();
+    engine.put(&image).unwrap();
+    let init = format!("{}-init", hex(n + 1));
+    engine.create(&init, &image, &init_layer()).unwrap();
+    write_init_files(&engine.get(&init, "").unwrap(), None);
+    engine.put(&init).unwrap();
+    assert!(fx.record(engine, &init).unwrap().shared_init().is_some());
+    init
+}
+
 fn staged(engine: &Engine, id: &str) -> Option<bool> {
     engine.mount_record(id).unwrap().map(|m| {
         let staged = matches!(m.on, Some(MountOn::Staged { .. }));
@@ -929,16 +946,7 @@ fn a_container_layer_is_not_mapped_for_dockerds_create_time_get() {
         return;
     };
     let engine = fx.engine();
-    let image = hex(71);
-    engine.create(&image, "", &image_layer()).unwrap();
-    let root = engine.get(&image, "").unwrap();
-    std::fs::write(root.join("in-image"), b"image data").unwrap();
-    engine.put(&image).unwrap();
-    let init = format!("{}-init", hex(72));
-    engine.create(&init, &image, &init_layer()).unwrap();
-    write_init_files(&engine.get(&init, "").unwrap(), None);
-    engine.put(&init).unwrap();
-    assert!(fx.record(&engine, &init).unwrap().shared_init().is_some());
+    let init = image_with_shared_init(&fx, &engine, 71);
 
     // dockerd's create: Get, nothing written, Put. The image is never
     // mapped; the overlay shows the layer's files.
@@ -1068,15 +1076,7 @@ fn a_container_layer_is_answered_before_its_clone_is_made() {
         return;
     };
     let engine = fx.engine();
-    let image = hex(81);
-    engine.create(&image, "", &image_layer()).unwrap();
-    let root = engine.get(&image, "").unwrap();
-    std::fs::write(root.join("in-image"), b"image data").unwrap();
-    engine.put(&image).unwrap();
-    let init = format!("{}-init", hex(82));
-    engine.create(&init, &image, &init_layer()).unwrap();
-    write_init_files(&engine.get(&init, "").unwrap(), None);
-    engine.put(&init).unwrap();
+    let init = image_with_shared_init(&fx, &engine, 81);
     let shared = fx.record(&engine, &init).unwrap();
     let shared_image = shared.image.clone();
 

@@ -117,16 +117,7 @@ impl Engine {
     ) -> Result<()> {
         record.state = LayerState::Cloning;
         record.size = prec.size;
-        self.store
-            .layers()
-            .create(id.as_str(), &record)
-            .map_err(|e| match e {
-                metadata::Error::Exists { .. } => EngineError::Conflict {
-                    layer: id.to_string(),
-                    reason: "is being created concurrently by another host".into(),
-                },
-                e => e.into(),
-            })?;
+        self.record_new_layer(id, &record)?;
         self.note_fresh(id, &record, Some(prec));
         let job = CloneJob {
             id: id.clone(),
@@ -175,9 +166,17 @@ impl Engine {
     /// `Cloning` layer's clone thread is waited for; without one, or if it
     /// failed, the clone is made here and the record moved to `Created`.
     pub(crate) fn ensure_cloned(&self, id: &LayerId) -> Result<LayerRecord> {
-        let rec = self.record(id)?;
-        if rec.state != LayerState::Cloning {
-            return Ok(rec);
+        let layers = self.store.layers();
+        let read = || {
+            layers
+                .get(id.as_str())?
+                .ok_or_else(|| EngineError::NotFound {
+                    layer: id.to_string(),
+                })
+        };
+        let mut current = read()?;
+        if current.value.state != LayerState::Cloning {
+            return Ok(current.value);
         }
         let running = self
             .clones
@@ -195,15 +194,10 @@ impl Engine {
                 waited_ms = waited.elapsed().as_millis() as u64,
                 "waited for the layer's background clone"
             );
-        }
-        let layers = self.store.layers();
-        let current = layers
-            .get(id.as_str())?
-            .ok_or_else(|| EngineError::NotFound {
-                layer: id.to_string(),
-            })?;
-        if current.value.state != LayerState::Cloning {
-            return Ok(current.value);
+            current = read()?;
+            if current.value.state != LayerState::Cloning {
+                return Ok(current.value);
+            }
         }
         let parent = LayerId::parse(current.value.parent.as_deref().unwrap_or_default())?;
         let source = self.record(&parent)?.image;

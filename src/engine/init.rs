@@ -145,16 +145,7 @@ impl Engine {
             created_at: now(),
             init: Some(InitContent::Pending),
         };
-        self.store
-            .layers()
-            .create(id.as_str(), &record)
-            .map_err(|e| match e {
-                metadata::Error::Exists { .. } => EngineError::Conflict {
-                    layer: id.to_string(),
-                    reason: "is being created concurrently by another host".into(),
-                },
-                e => e.into(),
-            })?;
+        self.record_new_layer(id, &record)?;
         tracing::info!(layer = %id, %parent, "init layer recorded; its files come with its first Put");
         Ok(())
     }

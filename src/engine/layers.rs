@@ -204,13 +204,7 @@ impl Engine {
         {
             return self.create_cloning(&id, &source, record, prec);
         }
-        let created = layers.create(id.as_str(), &record).map_err(|e| match e {
-            metadata::Error::Exists { .. } => EngineError::Conflict {
-                layer: id.to_string(),
-                reason: "is being created concurrently by another host".into(),
-            },
-            e => e.into(),
-        })?;
+        let created = self.record_new_layer(&id, &record)?;
 
         crashpoint::reached(CrashPoint::CreateRecorded);
         match self.clone_layer(&id, parent.as_ref(), &source, &image, flatten, opts) {
@@ -237,6 +231,26 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    /// Records new layer `id`; a record there already (another host's
+    /// create of the same id, between our check and our write) is a
+    /// conflict.
+    pub(crate) fn record_new_layer(
+        &self,
+        id: &LayerId,
+        record: &LayerRecord,
+    ) -> Result<metadata::Versioned<LayerRecord>> {
+        self.store
+            .layers()
+            .create(id.as_str(), record)
+            .map_err(|e| match e {
+                metadata::Error::Exists { .. } => EngineError::Conflict {
+                    layer: id.to_string(),
+                    reason: "is being created concurrently by another host".into(),
+                },
+                e => e.into(),
+            })
     }
 
     /// Clones `source@sealed` (the image of `parent`, or the base) to
@@ -495,8 +509,11 @@ impl Engine {
             .map(LayerId::parse)
             .transpose()?;
         let _held = self.lock_unused(&id)?;
-        // A layer whose clone runs: removed once it is made.
-        self.ensure_cloned(&id)?;
+        // A layer whose clone runs: removed once it is made. (A layer
+        // read as any other state never becomes `Cloning`.)
+        if current.value.state == LayerState::Cloning {
+            self.ensure_cloned(&id)?;
+        }
         self.release_local(&id, false)?;
         // Dropping the last holder and leaving `Created` are one
         // compare-and-set: a host adding itself as holder meanwhile

@@ -57,6 +57,35 @@ pub fn docker(d: &Dockerd, args: &[&str]) -> Result<String, DockerFailed> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// What a benchmark on dockerd starts from.
+pub struct Start {
+    /// The `docker-rbd` binary ([`plugin_binary`]).
+    pub plugin: PathBuf,
+    /// A scratch directory of the benchmark, removed on drop.
+    pub scratch: tempfile::TempDir,
+    /// A busybox rootfs tarball in it, for `docker import`.
+    pub rootfs: PathBuf,
+}
+
+/// Makes missing prerequisites failures rather than skips (as
+/// `scripts/test` does), finds the plugin binary and writes a busybox
+/// rootfs into a scratch directory named after `name`. Call it first in
+/// `main`, before any thread starts (it sets an environment variable).
+pub fn start(name: &str) -> Result<Start, String> {
+    // SAFETY: the caller calls this before any thread starts; testkit
+    // reads the variable to fail instead of skip.
+    unsafe { std::env::set_var("DOCKER_RBD_TEST_STRICT", "1") };
+    let plugin = plugin_binary()?;
+    let scratch = crate::scratch_dir(name)?;
+    let rootfs = scratch.path().join("busybox-rootfs.tar");
+    crate::images::write_busybox_rootfs_tar(&rootfs)?;
+    Ok(Start {
+        plugin,
+        scratch,
+        rootfs,
+    })
+}
+
 /// The `docker-rbd` binary beside the running benchmark
 /// (`target/<profile>/examples/<bench>` → `target/<profile>/docker-rbd`).
 pub fn plugin_binary() -> Result<PathBuf, String> {

@@ -34,11 +34,11 @@ const COLORS: [RGBColor; 4] = [
 /// A grouped bar chart in `path` (960x540 PNG; its directory is made): a group of bars per
 /// category, one bar per series, each bar with its value written above it,
 /// the y axis labelled `y_label` (say its unit) and starting at 0.
-pub fn bars(
+pub fn bars<S: AsRef<str>>(
     path: &Path,
     title: &str,
     y_label: &str,
-    categories: &[&str],
+    categories: &[S],
     series: &[Series],
 ) -> Result<(), String> {
     if series.is_empty() || series.iter().any(|s| s.values.len() != categories.len()) {
@@ -105,8 +105,12 @@ pub fn bars(
     let below = TextStyle::from((FONT, 16).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
     for (i, c) in categories.iter().enumerate() {
         let (x, y) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
-        root.draw(&Text::new(c.to_string(), (x, y + 8), below.clone()))
-            .map_err(|x| e(&x))?;
+        root.draw(&Text::new(
+            c.as_ref().to_string(),
+            (x, y + 8),
+            below.clone(),
+        ))
+        .map_err(|x| e(&x))?;
     }
     chart
         .configure_series_labels()
