@@ -464,6 +464,7 @@ unsafe extern "C" {
     pub fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
     pub fn rbd_snap_exists(image: rbd_image_t, snapname: *const c_char, exists: *mut bool)
     -> c_int;
+    pub fn rbd_snap_set(image: rbd_image_t, snapname: *const c_char) -> c_int;
     pub fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;
     pub fn rbd_snap_remove(image: rbd_image_t, snapname: *const c_char) -> c_int;
     pub fn rbd_snap_get_namespace_type(

@@ -277,10 +277,44 @@ pub fn list(ioctx: &IoCtx) -> Result<Vec<ImageSpec>> {
 pub fn remove(ioctx: &IoCtx, name: &str) -> Result<()> {
     const OP: &str = "rbd_remove";
     let n = cstr(OP, "image name", name)?;
+    // librbd opens the image to remove it; a missing one is answered here
+    // (see `Image::open_impl` for why librbd must not fail that open),
+    // unless the pool's directory still names it: a removal interrupted
+    // after the id object went, which only librbd can finish.
+    if !image_exists(ioctx, name)? && !directory_names(ioctx, name)? {
+        return Err(not_found(OP, Target::Image(name.to_string())));
+    }
     // SAFETY: valid ioctx and NUL-terminated name.
     let ret = unsafe { ffi::rbd_remove(ioctx.ptr(), n.as_ptr()) };
     check(OP, || Target::Image(name.to_string()), ret.into())?;
     Ok(())
+}
+
+/// Whether image `name` has an id object (format 2) or a header (format 1)
+/// in the ioctx's namespace: what `rbd_open` looks up first, without
+/// opening anything. A trashed image has neither.
+fn image_exists(ioctx: &IoCtx, name: &str) -> Result<bool> {
+    for oid in [format!("rbd_id.{name}"), format!("{name}.rbd")] {
+        match ioctx.stat(&oid) {
+            Ok(_) => return Ok(true),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
+/// Whether the namespace's image directory names `name`.
+fn directory_names(ioctx: &IoCtx, name: &str) -> Result<bool> {
+    match ioctx.omap_get_vals_by_keys("rbd_directory", &[format!("name_{name}")]) {
+        Ok(found) => Ok(!found.is_empty()),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn not_found(op: &'static str, target: Target) -> Error {
+    Error::ceph(op, target, -i64::from(libc::ENOENT))
 }
 
 /// Creates RBD namespace `name` in the ioctx's pool (whatever namespace
@@ -470,6 +504,15 @@ impl Image {
         Self::open_impl(ioctx, name, snap, true)
     }
 
+    // librbd 16 frees the image context of a failed `rbd_open` on one of
+    // its finisher threads after the caller has its answer, and that
+    // teardown races with the caller's next open: processes crashed in
+    // `md_config_t::~md_config_t` or with an uncaught `std::system_error`
+    // (EINVAL). So librbd is never asked to open what is not there: a
+    // missing image is answered from its id object, and a snapshot is
+    // selected with `rbd_snap_set` on the open head once it is known to
+    // exist. An image removed between the check and the open can still
+    // fail the open; that window is a round trip wide.
     fn open_impl(ioctx: &IoCtx, name: &str, snap: Option<&str>, read_only: bool) -> Result<Image> {
         let op = if read_only {
             "rbd_open_read_only"
@@ -478,31 +521,38 @@ impl Image {
         };
         let n = cstr(op, "image name", name)?;
         let s = opt_cstr(op, "snapshot name", snap)?;
+        if !image_exists(ioctx, name)? {
+            return Err(not_found(op, Target::Image(name.to_string())));
+        }
         let mut p: ffi::rbd_image_t = ptr::null_mut();
-        // SAFETY: valid ioctx, NUL-terminated name, snapshot name or null,
+        // SAFETY: valid ioctx, NUL-terminated name, null snapshot name,
         // valid out-pointer.
         let ret = unsafe {
             if read_only {
-                ffi::rbd_open_read_only(ioctx.ptr(), n.as_ptr(), &mut p, opt_ptr(&s))
+                ffi::rbd_open_read_only(ioctx.ptr(), n.as_ptr(), &mut p, ptr::null())
             } else {
-                ffi::rbd_open(ioctx.ptr(), n.as_ptr(), &mut p, opt_ptr(&s))
+                ffi::rbd_open(ioctx.ptr(), n.as_ptr(), &mut p, ptr::null())
             }
         };
-        let target = || match snap {
-            Some(snap) => Target::Snapshot {
-                image: name.to_string(),
-                snap: snap.to_string(),
-            },
-            None => Target::Image(name.to_string()),
-        };
-        check(op, target, ret.into())?;
-        Ok(Image {
+        check(op, || Target::Image(name.to_string()), ret.into())?;
+        let mut image = Image {
             ptr: p,
             name: name.to_string(),
-            snap: snap.map(str::to_string),
-            read_only: read_only || snap.is_some(),
+            snap: None,
+            read_only,
             _ioctx: ioctx.clone(),
-        })
+        };
+        if let (Some(snap), Some(s)) = (snap, s) {
+            if !image.snap_exists(snap)? {
+                return Err(not_found(op, image.snap_target(snap)));
+            }
+            // SAFETY: open image, NUL-terminated snapshot name.
+            let ret = unsafe { ffi::rbd_snap_set(image.ptr, s.as_ptr()) };
+            check("rbd_snap_set", || image.snap_target(snap), ret.into())?;
+            image.snap = Some(snap.to_string());
+            image.read_only = true;
+        }
+        Ok(image)
     }
 
     fn target(&self) -> Target {

@@ -686,3 +686,55 @@ fn namespaces() {
     let e = rbd::namespace_remove(&t.io, &ns).unwrap_err();
     assert!(e.is_not_found(), "{e}");
 }
+
+/// Opens and removals of what is not there are answered without librbd
+/// (whose failed opens tear down on another thread, see `Image::open`),
+/// with the same errors; a removal that stopped after the image's id
+/// object went is still finished by librbd.
+#[test]
+fn missing_images_and_snapshots_and_an_interrupted_removal() {
+    let Some(t) = setup("missing_images_and_snapshots_and_an_interrupted_removal") else {
+        return;
+    };
+    let _g = ImageGuard::create(&t.io, "img", 4 * MIB, &opts());
+    {
+        let img = Image::open(&t.io, "img", None).unwrap();
+        img.write_at(0, b"before").unwrap();
+        img.snap_create("s").unwrap();
+        img.write_at(0, b"after!").unwrap();
+    }
+    for _ in 0..50 {
+        let e = Image::open_read_only(&t.io, "img", Some("nosnap")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"rbd_open_read_only on snapshot "img@nosnap": No such file or directory (errno 2)"#
+        );
+        let e = Image::open_read_only(&t.io, "gone", None).unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        // Opened at the snapshot that is there: its data, read-only.
+        for open in [Image::open, Image::open_read_only] {
+            let at = open(&t.io, "img", Some("s")).unwrap();
+            assert!(at.is_read_only());
+            let mut buf = [0u8; 6];
+            at.read_at(0, &mut buf).unwrap();
+            assert_eq!(&buf, b"before");
+            let e = at.write_at(0, b"x").unwrap_err();
+            assert_eq!(e.errno(), Some(libc::EROFS), "{e}");
+        }
+    }
+    Image::open(&t.io, "img", None)
+        .unwrap()
+        .snap_remove("s")
+        .unwrap();
+
+    // The id object removed, the directory entry left: not openable, but
+    // a removal finishes it.
+    t.io.remove("rbd_id.img").unwrap();
+    let e = Image::open(&t.io, "img", None).unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    assert_eq!(rbd::list(&t.io).unwrap().len(), 1);
+    rbd::remove(&t.io, "img").unwrap();
+    assert!(rbd::list(&t.io).unwrap().is_empty());
+    let e = rbd::remove(&t.io, "img").unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+}

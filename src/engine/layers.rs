@@ -901,22 +901,6 @@ fn copy_err(id: &LayerId, e: &dyn std::error::Error) -> EngineError {
 /// Whether the `sealed` snapshot of layer `id`'s image `image` has clones
 /// (no snapshot or no image: none).
 pub fn image_has_clones(ioctx: &IoCtx, id: &str, image: &str) -> Result<bool> {
-    // Opened at the snapshot only once it is known to exist: librbd 16
-    // frees the context of a failed open on its finisher thread after the
-    // caller has its answer, and that raced with the caller's next open
-    // (a crash of `docker-rbd gc` in `md_config_t::~md_config_t`).
-    let head = match Image::open_read_only(ioctx, image, None) {
-        Ok(head) => head,
-        Err(e) if e.is_not_found() => return Ok(false),
-        Err(e) => return Err(ceph("open", id)(e)),
-    };
-    if !head
-        .snap_exists(SEALED_SNAP)
-        .map_err(ceph("look up snapshot", id))?
-    {
-        return Ok(false);
-    }
-    drop(head);
     let snap = match Image::open_read_only(ioctx, image, Some(SEALED_SNAP)) {
         Ok(snap) => snap,
         Err(e) if e.is_not_found() => return Ok(false),

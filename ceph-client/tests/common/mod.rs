@@ -125,7 +125,8 @@ impl Drop for ImageGuard {
                     }
                 }
             }
-            Err(e) if e.is_not_found() => return,
+            // Not openable: `remove` still finishes a half-removed one.
+            Err(e) if e.is_not_found() => {}
             Err(e) => eprintln!("cleanup: {e}"),
         }
         match rbd::remove(&self.io, &self.name) {
