@@ -156,10 +156,7 @@ impl Engine {
             let unmounted = fs::umount(&mountpoint).map_err(fs_err("umount", name));
             made.and(unmounted)
         })();
-        let unmapped = self
-            .mapper
-            .unmap(&mapped)
-            .map_err(mapper_err("unmap", name));
+        let unmapped = self.unmap_when_free(name, &mapped);
         // The mountpoint is empty once unmounted; a failure to remove it is harmless.
         let _ = std::fs::remove_dir(&mountpoint);
         formatted?;

@@ -380,7 +380,7 @@ impl Engine {
             crashpoint::reached(CrashPoint::Unmounted);
         }
         if let Some(device) = &m.device {
-            self.unmap_when_free(id, device)?;
+            self.unmap_when_free(id.as_str(), device)?;
         }
         self.local.remove(&MOUNTS, id.as_str())?;
         // Empty once unmounted; leaving the directory behind is harmless.
@@ -389,10 +389,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Unmaps `device`, waiting a little while it is busy: right after a
-    /// container dies, its mount namespace may still hold the filesystem
-    /// for a moment after our unmount.
-    fn unmap_when_free(&self, id: &LayerId, device: &MappedDevice) -> Result<()> {
+    /// Unmaps `device` of layer or image `layer`, waiting a little while
+    /// it is busy: right after an unmount the device can still be claimed
+    /// for a moment (a container that just died, its mount namespace; the
+    /// kernel releasing a file system's last superblock reference).
+    pub(crate) fn unmap_when_free(&self, layer: &str, device: &MappedDevice) -> Result<()> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(20);
         loop {
@@ -402,7 +403,7 @@ impl Engine {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(500));
                 }
-                Err(e) => return Err(mapper_err("unmap", id)(e)),
+                Err(e) => return Err(mapper_err("unmap", layer)(e)),
             }
         }
     }

@@ -285,27 +285,6 @@ fn open_device(device: &Path, read_only: bool, exclusive: bool) -> Result<File, 
         })
 }
 
-/// How long [`detach`] keeps trying to open a device that answers EBUSY.
-const RELEASE_GRACE: Duration = Duration::from_millis(500);
-
-/// Opens `device` exclusively (which fails with EBUSY while a file system
-/// is mounted on it or another exclusive opener holds it). A device just
-/// unmounted can still answer EBUSY for a moment: the kernel drops the
-/// file system's claim when the last reference to its superblock goes,
-/// and a udev probe started by a change event holds it briefly too. So
-/// EBUSY is retried for [`RELEASE_GRACE`] before it is reported.
-fn open_exclusive_after_release(device: &Path) -> Result<File, LoopError> {
-    let started = Instant::now();
-    loop {
-        match open_device(device, true, true) {
-            Err(LoopError::Busy { .. }) if started.elapsed() < RELEASE_GRACE => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            other => return other,
-        }
-    }
-}
-
 /// Detaches loop device `number` and waits (up to `wait`) until the kernel
 /// has released its backing file. [`LoopError::Busy`] when it is mounted.
 /// A device that is not attached is fine.
@@ -315,7 +294,7 @@ pub fn detach(number: u32, wait: Duration) -> Result<(), LoopError> {
         return Ok(());
     }
     {
-        let dev = match open_exclusive_after_release(&device) {
+        let dev = match open_device(&device, true, true) {
             Ok(dev) => dev,
             Err(LoopError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
                 return Ok(());
